@@ -1,0 +1,102 @@
+"""ShardSetWriter: samples -> {000000..N}.tar with sizes.json (samples per shard) and _stats.json.
+
+Each shard is written under a temporary name and renamed when complete, so a directory never holds a
+half-written shard under a final name; sizes.json and _stats.json are written last, and their
+presence marks a finished shard set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import webdataset as wds
+
+
+class ShardSetWriter:
+    def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000) -> None:
+        if samples_per_shard < 1:
+            raise ValueError("samples_per_shard must be at least 1")
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.samples_per_shard = samples_per_shard
+        self.sizes: Dict[str, int] = {}
+        self.field_counts: Counter = Counter()
+        self.field_bytes: Counter = Counter()
+        self.rejected: List[Dict[str, str]] = []
+        self.extra_stats: Dict[str, object] = {}
+        self._tar: Optional[wds.TarWriter] = None
+        self._name = ""
+        self._keys: set = set()
+        self.stats: Dict[str, object] = {}
+
+    def _open_next(self) -> None:
+        self._name = f"{len(self.sizes):06d}.tar"
+        self.sizes[self._name] = 0
+        self._tar = wds.TarWriter(str(self.out_dir / (self._name + ".tmp")))
+
+    def _close_current(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+            os.replace(self.out_dir / (self._name + ".tmp"), self.out_dir / self._name)
+            self._tar = None
+
+    def has_key(self, key: str) -> bool:
+        return key in self._keys
+
+    def write(self, sample: Dict[str, object]) -> None:
+        """`sample` has "__key__" and field -> bytes/str; keys must be unique within the set."""
+        key = str(sample["__key__"])
+        if key in self._keys:
+            raise ValueError(f"duplicate sample key {key!r}")
+        if "." in key or "/" in key:
+            raise ValueError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits fields on them)")
+        self._keys.add(key)
+        if self._tar is None or self.sizes[self._name] >= self.samples_per_shard:
+            self._close_current()
+            self._open_next()
+        assert self._tar is not None
+        self._tar.write(sample)
+        self.sizes[self._name] += 1
+        for field, value in sample.items():
+            if not field.startswith("__"):
+                self.field_counts[field] += 1
+                self.field_bytes[field] += len(value) if isinstance(value, (bytes, str)) else 0
+
+    def reject(self, source: str, reason: str) -> None:
+        """Record an input that was not written, for _stats.json."""
+        self.rejected.append({"source": source, "reason": reason})
+
+    def close(self) -> Dict[str, object]:
+        self._close_current()
+        stats = {
+            "samples": sum(self.sizes.values()),
+            "shards": len(self.sizes),
+            "fields": dict(self.field_counts),
+            "field_bytes": dict(self.field_bytes),
+            "rejected": len(self.rejected),
+            "rejected_inputs": self.rejected,
+            **self.extra_stats,
+        }
+        (self.out_dir / "sizes.json").write_text(json.dumps(self.sizes, indent=1) + "\n")
+        (self.out_dir / "_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
+        self.stats = stats
+        return stats
+
+    def __enter__(self) -> "ShardSetWriter":
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._tar is not None:  # failed: leave no shard and no sizes.json that look finished
+            self._tar.close()
+            (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
+
+
+def brace_pattern(out_dir: str | Path, shards: int) -> str:
+    """The brace URL naming every shard of a finished set, for data.train."""
+    return f"{Path(out_dir)}/{{000000..{shards - 1:06d}}}.tar"

@@ -1,0 +1,117 @@
+"""`mmcl prep|train|eval`: the only place that parses command lines; everything below receives configs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+from mmcl.config import ConfigError
+
+
+def _prep(args: argparse.Namespace) -> None:
+    from data_prep.digits import prepare_digits
+    from data_prep.pairs import folder_pairs, manifest_pairs, write_pairs
+    from data_prep.writer import brace_pattern
+
+    if args.source == "digits":
+        summary = prepare_digits(args.out, args.captions_per_image, args.samples_per_shard, args.test_fraction, args.seed)
+        print(f"digits: {summary['train_images']} training images ({sum(summary['train'].values())} samples, "
+              f"{len(summary['train'])} shards), {summary['test_images']} held-out images")
+        print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
+        return
+    if args.source == "folder":
+        pairs = folder_pairs(Path(args.input))
+    else:
+        pairs = manifest_pairs(Path(args.input), args.image_column, args.caption_column, args.key_column)
+    stats = write_pairs(pairs, args.out, args.samples_per_shard)
+    print(f"wrote {stats['samples']} samples in {stats['shards']} shards; rejected {stats['rejected']} "
+          f"(see {Path(args.out) / '_stats.json'})")
+    if stats["shards"]:
+        print(f"train shards: {brace_pattern(args.out, int(stats['shards']))}")
+
+
+def _train(args: argparse.Namespace) -> None:
+    from mmcl import config as config_lib
+    from mmcl.train.loop import train
+
+    cfg = config_lib.load(args.config, args.overrides)
+    run_dir = train(cfg)
+    print(f"run directory: {run_dir}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import torch
+
+    from mmcl import config as config_lib
+    from mmcl.checkpoint import state as checkpoints
+    from mmcl.models import MultiEncoder
+    from mmcl.train.loop import evaluate, pick_device
+
+    path = Path(args.checkpoint)
+    if (path / "checkpoints").exists():  # a run directory: its latest checkpoint
+        latest = checkpoints.latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"no complete checkpoint in {path}")
+        path = latest
+    state = checkpoints.load(path)
+    cfg = config_lib.from_yaml(state["config"])
+    if args.datasets:
+        cfg.eval.datasets = args.datasets
+    if not cfg.eval.datasets:
+        raise ConfigError("no datasets to evaluate: pass --datasets or set eval.datasets in the run's config")
+    device = pick_device(cfg.engine.device)
+    model = MultiEncoder(cfg.model).to(device)
+    model.load_state_dict(state["model"])
+    out = Path(args.out) if args.out else path / "eval.json"
+    with torch.no_grad():
+        evaluate(model, cfg, out, device)
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="mmcl", description="Multimodal contrastive pretraining.")
+    commands = root.add_subparsers(dest="command", required=True)
+
+    prep = commands.add_parser("prep", help="write webdataset shards")
+    prep.add_argument("source", choices=["digits", "folder", "manifest"])
+    prep.add_argument("input", nargs="?", help="folder or manifest (.csv/.jsonl/.parquet); not for digits")
+    prep.add_argument("--out", required=True, help="output directory")
+    prep.add_argument("--samples-per-shard", type=int, default=1000)
+    prep.add_argument("--image-column", default="image")
+    prep.add_argument("--caption-column", default="caption")
+    prep.add_argument("--key-column", default="key")
+    prep.add_argument("--captions-per-image", type=int, default=4, help="digits: training samples per image")
+    prep.add_argument("--test-fraction", type=float, default=0.2, help="digits: held-out share")
+    prep.add_argument("--seed", type=int, default=0)
+    prep.set_defaults(run=_prep)
+
+    train = commands.add_parser("train", help="train from a YAML config with key.sub=value overrides")
+    train.add_argument("config")
+    train.add_argument("overrides", nargs="*")
+    train.set_defaults(run=_train)
+
+    evaluate = commands.add_parser("eval", help="zero-shot evaluation of a checkpoint or run directory")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--datasets", nargs="*", default=None)
+    evaluate.add_argument("--out", default="")
+    evaluate.set_defaults(run=_eval)
+    return root
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "prep" and args.source != "digits" and not args.input:
+        parser().error(f"prep {args.source} needs an input path")
+    try:
+        args.run(args)
+    except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
+        print(f"mmcl {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,171 @@
+"""One typed tree of dataclasses for a whole run, loaded from defaults + YAML + `key.sub=value` overrides.
+
+OmegaConf merges the three layers against the dataclass schema, so an unknown key or a value of the
+wrong type fails at load time with the key's full dotted name, before any data is read or any model
+is built. `check` then validates what a schema cannot express (registry names, tower options).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key's dotted name."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = 1000
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_last: int = 2
+    resume: str = ""  # "" (fresh run), "latest", or a checkpoint directory
+    progress: bool = True
+
+
+@dataclass
+class DataConfig:
+    train: str = MISSING  # shard URLs, brace notation; several sources joined by "::"
+    batch_size: int = 64
+    workers: int = 2
+    shuffle_buffer: int = 1000
+    # modality -> shard fields holding it, ";"-separated alternatives in order of preference
+    fields: Dict[str, str] = field(
+        default_factory=lambda: {"image": "jpg;jpeg;png;webp", "text": "txt"}
+    )
+
+
+@dataclass
+class TowerConfig:
+    type: str = MISSING  # a name in mmcl.models.TOWERS
+    preset: str = ""  # an open_clip model config (or an mmcl preset) whose tower settings are the base
+    options: Dict[str, Any] = field(default_factory=dict)  # overrides of the preset's tower settings
+    locked: bool = False  # freeze the tower's parameters
+
+
+@dataclass
+class ModelConfig:
+    embed_dim: int = 512
+    towers: Dict[str, TowerConfig] = field(default_factory=dict)  # keyed by modality
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = math.log(100.0)
+
+
+@dataclass
+class LossConfig:
+    name: str = "infonce"  # a name in mmcl.losses.LOSSES
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    weight_decay: float = 0.2
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 0.0  # 0 disables clipping
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "fp32"  # fp32 | bf16
+
+
+@dataclass
+class EvalConfig:
+    datasets: List[str] = field(default_factory=list)  # dataset roots (classnames.txt, templates, test/ shards)
+    batch_size: int = 256
+    recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+_CHOICES = {
+    "optim.schedule": ("cosine", "constant"),
+    "engine.device": ("auto", "cpu", "cuda"),
+    "engine.precision": ("fp32", "bf16"),
+}
+
+
+def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file, then `a.b=c` overrides; validated, as plain dataclasses."""
+    try:
+        merged = OmegaConf.structured(Config)
+        if path is not None:
+            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} is not of the form key.sub=value")
+        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
+        config: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as error:
+        key = getattr(error, "full_key", None)
+        raise ConfigError(f"config key {key!r}: {error.msg if hasattr(error, 'msg') else error}") from None
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    """Checks a schema cannot express: enumerations, registry names, ranges, tower options."""
+    from mmcl.losses import LOSSES  # local imports: the registries import torch, the schema does not
+    from mmcl.models import TOWERS
+
+    for key, allowed in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
+    if config.loss.name not in LOSSES:
+        raise ConfigError(f"config key 'loss.name': unknown loss {config.loss.name!r}; known: {', '.join(LOSSES.names())}")
+    if len(config.model.towers) < 2:
+        raise ConfigError("config key 'model.towers': at least two towers are needed")
+    for modality, tower in config.model.towers.items():
+        key = f"model.towers.{modality}"
+        if tower.type not in TOWERS:
+            raise ConfigError(f"config key '{key}.type': unknown tower {tower.type!r}; known: {', '.join(TOWERS.names())}")
+        TOWERS.get(tower.type).check(tower, key)
+        if modality not in config.data.fields:
+            raise ConfigError(f"config key 'data.fields': no shard field given for tower modality {modality!r}")
+    for key, value in (("data.batch_size", config.data.batch_size), ("run.steps", config.run.steps),
+                       ("model.embed_dim", config.model.embed_dim), ("run.keep_last", config.run.keep_last)):
+        if value < 1:
+            raise ConfigError(f"config key {key!r}: must be at least 1, got {value}")
+    if config.data.workers < 0:
+        raise ConfigError(f"config key 'data.workers': must be >= 0, got {config.data.workers}")
+
+
+def to_yaml(config: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def from_yaml(text: str) -> Config:
+    """A config previously written by `to_yaml` (for example, the one stored in a checkpoint)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    return OmegaConf.to_object(merged)

@@ -1,0 +1,19 @@
+"""The typed unit the data stream hands to training and evaluation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List
+
+import torch
+
+
+@dataclass
+class Batch:
+    inputs: Dict[str, torch.Tensor]  # modality -> stacked tensor, first dim = batch
+    keys: List[str]  # "<shard url>#<sample key>", in batch order
+    skipped: int = 0  # samples dropped as unreadable by this worker since its previous batch
+    meta: Dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.keys)

@@ -1,0 +1,75 @@
+"""Raw shard bytes -> Python values, by an explicit allow-list of formats.
+
+Only images (Pillow), UTF-8 text and integer labels are ever decoded. Fields with any other extension,
+pickles among them (.pyd, .pickle, .pth), are never touched, so nothing from a shard is unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Callable, Dict, Mapping, Sequence, Tuple
+
+from PIL import Image
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff"})
+TEXT_EXTENSIONS = frozenset({"txt", "text", "caption", "json", "cls", "label"})
+
+
+class SampleError(ValueError):
+    """A sample that cannot be used: it is skipped and counted, never fatal."""
+
+
+def decode_image(data: bytes) -> Image.Image:
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns below twice its pixel limit; treat every decompression bomb as bad data.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise SampleError(f"unreadable image: {error}") from None
+
+
+def decode_text(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise SampleError("text is not UTF-8") from None
+    if not text:
+        raise SampleError("empty text")
+    return text
+
+
+def decode_label(data: bytes) -> int:
+    text = decode_text(data)
+    try:
+        return int(text)
+    except ValueError:
+        raise SampleError(f"label {text[:20]!r} is not an integer") from None
+
+
+DECODERS: Dict[str, Tuple[frozenset, Callable[[bytes], object]]] = {
+    "image": (IMAGE_EXTENSIONS, decode_image),
+    "text": (TEXT_EXTENSIONS, decode_text),
+    "label": (TEXT_EXTENSIONS, decode_label),
+}
+
+
+def check_fields(kind: str, fields: Sequence[str]) -> None:
+    """Fail early when a configured shard field could never be decoded as `kind`."""
+    allowed, _ = DECODERS[kind]
+    for name in fields:
+        if name.rsplit(".", 1)[-1] not in allowed:
+            raise ValueError(f"field {name!r} cannot hold {kind} data; allowed extensions: {', '.join(sorted(allowed))}")
+
+
+def decode_field(sample: Mapping[str, object], kind: str, fields: Sequence[str]) -> object:
+    """Decode the first of `fields` present in `sample` as `kind`; SampleError if none is usable."""
+    _, decoder = DECODERS[kind]
+    for name in fields:
+        data = sample.get(name)
+        if data is not None:
+            return decoder(data)  # type: ignore[arg-type]
+    raise SampleError(f"no {kind} field (looked for {', '.join(fields)})")

@@ -1,0 +1,139 @@
+"""build_stream / build_eval_loader: one webdataset pipeline from shards to typed Batches.
+
+shards (seeded order) -> node split -> worker split -> tar samples -> shuffle -> decode + preprocess
+-> batch. Unreadable tars and samples are skipped, logged with shard and key, and counted in
+`Batch.skipped` so the training loop can report them; nothing here is fatal to a run.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from itertools import count
+from typing import Callable, Dict, Iterator, List, Sequence
+
+import torch
+import webdataset as wds
+
+from mmcl.data.batch import Batch
+from mmcl.data.decode import SampleError, check_fields, decode_field
+from mmcl.data.shards import expand_urls, shard_order
+
+log = logging.getLogger("mmcl.data")
+
+
+@dataclass
+class InputSpec:
+    """How one modality is read: which decoder, from which shard fields, then which preprocessing."""
+
+    kind: str  # "image" | "text" | "label"
+    fields: Sequence[str]
+    preprocess: Callable[[object], torch.Tensor]
+
+    def __post_init__(self) -> None:
+        check_fields(self.kind, self.fields)
+
+
+class SkipLog:
+    """Counts skipped samples inside one worker; each batch takes the count accrued before it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def skip(self, where: str, reason: str) -> None:
+        self.count += 1
+        log.warning("skipped %s: %s", where, reason)
+
+    def tar_error(self, error: Exception) -> bool:
+        # webdataset handler protocol: return True to go on. It appends the shard URL to error.args.
+        self.skip(str(error.args[-1]) if error.args else "?", repr(error))
+        return True
+
+    def take(self) -> int:
+        taken, self.count = self.count, 0
+        return taken
+
+
+def _decode_and_batch(
+    samples: Iterator[dict], inputs: Dict[str, InputSpec], batch_size: int, partial: bool, skips: SkipLog
+) -> Iterator[Batch]:
+    buffer: List[tuple] = []
+    for sample in samples:
+        where = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
+        try:
+            tensors = {m: spec.preprocess(decode_field(sample, spec.kind, spec.fields)) for m, spec in inputs.items()}
+        except SampleError as error:
+            skips.skip(where, str(error))
+            continue
+        except Exception as error:  # a transform failing on odd data (tiny or huge image) is bad data too
+            skips.skip(where, f"{type(error).__name__}: {error}")
+            continue
+        buffer.append((where, tensors))
+        if len(buffer) == batch_size:
+            yield _collate(buffer, skips.take())
+            buffer = []
+    if buffer and partial:
+        yield _collate(buffer, skips.take())
+
+
+def _collate(items: List[tuple], skipped: int) -> Batch:
+    modalities = items[0][1].keys()
+    inputs = {m: torch.stack([tensors[m] for _, tensors in items]) for m in modalities}  # (B, ...)
+    return Batch(inputs=inputs, keys=[where for where, _ in items], skipped=skipped)
+
+
+def _pipeline(
+    urls: List[str], inputs: Dict[str, InputSpec], batch_size: int, seed: int, epoch: int,
+    shuffle_buffer: int, partial: bool,
+) -> wds.DataPipeline:
+    skips = SkipLog()
+    ordered = shard_order(urls, seed, epoch) if shuffle_buffer else urls
+    stages = [wds.SimpleShardList(ordered), wds.split_by_node, wds.split_by_worker,
+              wds.tarfile_to_samples(handler=skips.tar_error)]
+    if shuffle_buffer:
+        stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
+    stages.append(lambda samples: _decode_and_batch(samples, inputs, batch_size, partial, skips))
+    return wds.DataPipeline(*stages)
+
+
+def _seeded_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    def shuffle(samples: Iterator[dict]) -> Iterator[dict]:
+        # The RNG is made inside the worker so each (rank, worker) draws its own reproducible order.
+        rank, _, worker, _ = wds.utils.pytorch_worker_info()
+        rng = random.Random(f"{seed}:{epoch}:{rank}:{worker}")
+        return wds.shuffle(bufsize, min(bufsize, 100), rng=rng)(samples)
+
+    return shuffle
+
+
+class TrainStream:
+    """Endless batches for training: epoch after epoch over the shards, each epoch in a new seeded order."""
+
+    def __init__(self, urls: str, inputs: Dict[str, InputSpec], batch_size: int, workers: int,
+                 shuffle_buffer: int, seed: int) -> None:
+        self.urls = expand_urls(urls)
+        self.inputs = inputs
+        self.batch_size = batch_size
+        self.workers = workers
+        self.shuffle_buffer = shuffle_buffer
+        self.seed = seed
+        self.epoch = 0
+
+    def __iter__(self) -> Iterator[Batch]:
+        for self.epoch in count(self.epoch):
+            pipeline = _pipeline(self.urls, self.inputs, self.batch_size, self.seed, self.epoch,
+                                 self.shuffle_buffer, partial=False)
+            produced = 0
+            for batch in wds.WebLoader(pipeline, batch_size=None, num_workers=self.workers):
+                produced += 1
+                yield batch
+            if produced == 0:
+                raise RuntimeError(f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
+                                   f"{self.batch_size}: too few readable samples per worker")
+
+
+def build_eval_loader(urls: str, inputs: Dict[str, InputSpec], batch_size: int, workers: int = 0) -> wds.WebLoader:
+    """Every readable sample once, in shard order, the last batch partial."""
+    pipeline = _pipeline(expand_urls(urls), inputs, batch_size, seed=0, epoch=0, shuffle_buffer=0, partial=True)
+    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)

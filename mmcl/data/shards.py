@@ -1,0 +1,46 @@
+"""Shard URLs: brace expansion, several sources, a seeded per-epoch order, node and worker split."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import webdataset as wds
+
+
+def expand_urls(urls: str) -> List[str]:
+    """'a/{000..009}.tar::b/x.tar' -> every shard, sources in the order given."""
+    expanded = wds.shardlists.expand_urls(urls)
+    if not expanded:
+        raise ValueError(f"no shards in {urls!r}")
+    return expanded
+
+
+def shard_order(urls: List[str], seed: int, epoch: int) -> List[str]:
+    """Every shard once, in an order fixed by (seed, epoch).
+
+    The order must be identical on every rank and worker, because split_by_node/split_by_worker
+    then take interleaved slices of it: a different order per process would repeat or drop shards.
+    """
+    order = list(urls)
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    return order
+
+
+def read_sizes(urls: List[str]) -> Optional[int]:
+    """Total samples from the sizes.json beside local shards, or None when any shard is not listed."""
+    total = 0
+    cache: Dict[Path, Dict[str, int]] = {}
+    for url in urls:
+        path = Path(url)
+        sizes_file = path.parent / "sizes.json"
+        if sizes_file not in cache:
+            if not sizes_file.exists():
+                return None
+            cache[sizes_file] = json.loads(sizes_file.read_text())
+        if path.name not in cache[sizes_file]:
+            return None
+        total += cache[sizes_file][path.name]
+    return total

@@ -1,0 +1,30 @@
+"""Metric arithmetic over embeddings and logits: classification accuracy and retrieval recall@k."""
+
+from __future__ import annotations
+
+from typing import Dict, Sequence
+
+import torch
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Dict[str, float]:
+    """top-1, top-5 (or top-C when fewer classes) and mean per-class recall of (N, C) logits."""
+    k = min(5, num_classes)
+    topk = logits.topk(k, dim=1).indices  # (N, k)
+    hits = topk == labels[:, None]  # (N, k)
+    top1 = hits[:, 0].float()
+    recalls = [top1[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
+    return {
+        "top1": top1.mean().item(),
+        "top5": hits.any(dim=1).float().mean().item(),
+        "mean_per_class_recall": sum(recalls) / len(recalls),
+    }
+
+
+def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence[int]) -> Dict[int, float]:
+    """Fraction of queries whose own pair (same row index) ranks within the top k of the gallery."""
+    scores = query_emb @ gallery_emb.T  # (N, D) x (D, N) -> (N, N)
+    own = scores.diagonal()[:, None]  # (N, 1)
+    # Rank = how many gallery items score strictly higher than the true pair.
+    rank = (scores > own).sum(dim=1)  # (N,)
+    return {k: (rank < k).float().mean().item() for k in ks}

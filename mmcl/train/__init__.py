@@ -1,0 +1,1 @@
+"""Optimisation, the training step and the training loop."""

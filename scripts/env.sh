@@ -1,0 +1,16 @@
+# Sourced by the other scripts: make (once) and enter the project's virtual environment.
+# Idempotent: a second run only checks that the installed packages still match pyproject.toml.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+VENV="${MMCL_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+stamp="$VENV/.mmcl-installed-$(cat pyproject.toml | python -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-${1:-base}"
+if [ ! -f "$stamp" ]; then
+    python -m pip install --quiet --upgrade pip
+    python -m pip install --quiet -e ".${2:-}"
+    touch "$stamp"
+fi

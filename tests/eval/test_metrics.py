@@ -1,0 +1,41 @@
+"""Evaluation metrics on small hand-checked cases."""
+
+import pytest
+import torch
+
+from mmcl.eval import classification_metrics, recall_at_k
+from mmcl.eval.report import format_table
+
+
+def test_classification_metrics_hand_checked():
+    # 3 classes, 4 samples. Predictions (argmax): 0, 2, 2, 1; labels 0, 1, 2, 2.
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.3, 0.6], [0.0, 0.2, 0.8], [0.1, 0.7, 0.2]])
+    labels = torch.tensor([0, 1, 2, 2])
+    m = classification_metrics(logits, labels, num_classes=3)
+    assert m["top1"] == pytest.approx(2 / 4)
+    assert m["top5"] == 1.0  # with 3 classes, top-5 is top-3: always hit
+    # per-class recall: class0 1/1, class1 0/1, class2 1/2 -> mean 0.5
+    assert m["mean_per_class_recall"] == pytest.approx((1 + 0 + 0.5) / 3)
+
+
+def test_top5_misses_when_true_class_ranks_sixth():
+    logits = torch.arange(10, dtype=torch.float)[None].flip(1)  # class 0 best, class 9 worst
+    m = classification_metrics(logits, torch.tensor([5]), num_classes=10)
+    assert m["top1"] == 0 and m["top5"] == 0
+    m = classification_metrics(logits, torch.tensor([4]), num_classes=10)
+    assert m["top5"] == 1
+
+
+def test_recall_at_k_hand_checked():
+    query = torch.eye(3)
+    # gallery row 0 matches query 0 best; query 1 prefers gallery 2, its own pair ranks 2nd; query 2 own ranks 3rd
+    gallery = torch.tensor([[1.0, 0, 0.5], [0.1, 0.5, 0.9], [0.0, 0.8, 0.1]])
+    r = recall_at_k(query, gallery, [1, 2, 3])
+    assert r[1] == pytest.approx(1 / 3)
+    assert r[2] == pytest.approx(2 / 3)
+    assert r[3] == pytest.approx(1.0)
+
+
+def test_table_lists_every_metric():
+    table = format_table({"digits": {"samples": 3, "top1": 0.5, "dataset": "digits"}})
+    assert "top1" in table and "50.0" in table and "digits" in table

@@ -1,0 +1,86 @@
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from mmcl.config import ModelConfig, TowerConfig
+from mmcl.models import TOWERS, MultiEncoder
+
+
+def tiny_model(**image_options) -> MultiEncoder:
+    return MultiEncoder(ModelConfig(embed_dim=32, towers={
+        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", options=image_options),
+        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+    }))
+
+
+def test_forward_shapes_and_unit_norm():
+    torch.manual_seed(0)
+    model = tiny_model()
+    images = torch.randn(5, 3, 32, 32)  # (B, 3, H, W) at the preset's image size
+    tokens = torch.randint(0, 49408, (5, 16))  # (B, context_length)
+    out = model({"image": images, "text": tokens, "label": torch.zeros(5)})
+    assert set(out) == {"image", "text"}  # inputs without a tower are ignored
+    for emb in out.values():
+        assert emb.shape == (5, 32)
+        torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))
+    assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_options_override_the_preset():
+    model = tiny_model(layers=1, width=64, head_width=16)
+    encoder = model.tower("image").encoder
+    assert len(encoder.transformer.resblocks) == 1 and encoder.transformer.width == 64
+
+
+def test_preprocessors_turn_decoded_values_into_tower_inputs():
+    model = tiny_model()
+    image = Image.new("RGB", (8, 8), color=(200, 10, 10))
+    for train in (True, False):
+        prep = model.preprocessors(train)
+        assert prep["image"](image).shape == (3, 32, 32)
+        tokens = prep["text"]("handwritten seven")
+        assert tokens.shape == (16,) and tokens.dtype == torch.long
+
+
+def test_locked_tower_gets_no_gradient():
+    model = MultiEncoder(ModelConfig(embed_dim=32, towers={
+        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", locked=True),
+        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+    }))
+    out = model({"image": torch.randn(2, 3, 32, 32), "text": torch.randint(0, 100, (2, 16))})
+    (out["image"] * out["text"]).sum().backward()
+    assert all(p.grad is None for p in model.tower("image").parameters())
+    assert any(p.grad is not None for p in model.tower("text").parameters())
+
+
+def test_towers_are_open_clip_modules_and_presets_are_open_clip_configs():
+    model = tiny_model()
+    assert isinstance(model.tower("image").encoder, open_clip.model.VisionTransformer)
+    assert isinstance(model.tower("text").encoder, open_clip.model.TextTransformer)
+    reference = open_clip.create_model("mmcl-tiny")  # the preset is usable from open_clip itself
+    assert reference.visual.transformer.width == model.tower("image").encoder.transformer.width
+
+
+def test_a_new_modality_is_added_by_registry_alone():
+    name = "test_mean_pool_tower"
+
+    @TOWERS.register(name)
+    class MeanPool(torch.nn.Module):
+        input_kind = "image"
+
+        def __init__(self, cfg, embed_dim):
+            super().__init__()
+            self.proj = torch.nn.Linear(3, embed_dim)
+
+        def forward(self, x):
+            return self.proj(x.mean(dim=(2, 3)))  # (B, 3, H, W) -> (B, 3) -> (B, D)
+
+        @classmethod
+        def check(cls, cfg, key):
+            pass
+
+    model = MultiEncoder(ModelConfig(embed_dim=16, towers={
+        "depth": TowerConfig(type=name), "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")}))
+    out = model({"depth": torch.randn(3, 3, 4, 4), "text": torch.randint(0, 100, (3, 16))})
+    assert out["depth"].shape == (3, 16)

@@ -1,0 +1,79 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmcl import config as config_lib
+from mmcl.config import ConfigError
+
+from conftest import tiny_overrides
+
+
+def test_defaults_yaml_and_overrides_merge(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("run: {steps: 7}\noptim: {lr: 0.01}\n")
+    cfg = config_lib.load(path, tiny_overrides("x/{0..1}.tar", **{"optim.lr": 0.02}))
+    assert cfg.run.steps == 7  # from YAML
+    assert cfg.optim.lr == 0.02  # the override wins over YAML
+    assert cfg.optim.weight_decay == config_lib.OptimConfig().weight_decay  # default kept
+    assert cfg.model.towers["image"].preset == "mmcl-tiny"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lrr=1", "optim.lrr"),
+    ("nonsense=1", "nonsense"),
+    ("model.towers.image.presett=x", "model.towers.image.presett"),
+])
+def test_unknown_key_is_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_lib.load(None, tiny_overrides("x.tar") + [override])
+
+
+def test_unknown_key_in_yaml_is_named(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  batch_sise: 3\n")
+    with pytest.raises(ConfigError, match=r"data\.batch_sise"):
+        config_lib.load(path, tiny_overrides("x.tar"))
+
+
+def test_wrong_type_is_named():
+    with pytest.raises(ConfigError, match=r"data\.batch_size"):
+        config_lib.load(None, tiny_overrides("x.tar", **{"data.batch_size": "many"}))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("model.towers.image.type=resnet_pp", "model.towers.image.type"),
+    ("model.towers.image.options.widthh=3", "model.towers.image.options.widthh"),
+    ("model.towers.text.preset=NoSuchModel", "model.towers.text.preset"),
+    ("loss.name=triplet", "loss.name"),
+    ("optim.schedule=linear", "optim.schedule"),
+    ("data.batch_size=0", "data.batch_size"),
+])
+def test_semantic_errors_are_named(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_lib.load(None, tiny_overrides("x.tar") + [override])
+
+
+def test_missing_required_value():
+    with pytest.raises(ConfigError, match=r"data\.train"):
+        config_lib.load(None, [])
+
+
+def test_yaml_round_trip():
+    cfg = config_lib.load(None, tiny_overrides("a/{0..3}.tar", **{"model.towers.image.options.layers": 1}))
+    again = config_lib.from_yaml(config_lib.to_yaml(cfg))
+    assert again == cfg
+    assert again.model.towers["image"].options == {"layers": 1}
+
+
+def test_cli_rejects_bad_key_before_any_compute(tmp_path):
+    # The shards do not exist: the run must stop at the config, not at the data.
+    result = subprocess.run(
+        [sys.executable, "-m", "mmcl.cli", "train", "configs/digits.yaml", "optim.warmup=3",
+         f"run.output_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+    )
+    assert result.returncode == 2
+    assert "optim.warmup" in result.stderr
+    assert not any(tmp_path.iterdir())  # no run directory was created
