@@ -59,12 +59,23 @@ class ModelConfig:
     towers: Dict[str, TowerConfig] = field(default_factory=dict)  # keyed by modality
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
+    init_logit_bias: Optional[float] = None  # a learnable logit bias (SigLIP: -10), or none
 
 
 @dataclass
 class LossConfig:
     name: str = "infonce"  # a name in mmcl.losses.LOSSES
-    label_smoothing: float = 0.0
+    # Which modality pairs a pairwise loss sums ("image-text"); empty: every pair, or `anchor`'s pairs.
+    pairs: List[str] = field(default_factory=list)
+    pair_weights: Dict[str, float] = field(default_factory=dict)  # "image-text" -> weight (default 1)
+    anchor: str = ""  # ImageBind-style: every modality against this one
+    label_smoothing: float = 0.0  # infonce, infonce_tiled
+    chunk_size: int = 1024  # infonce_tiled: rows of logits held at once
+    beta: float = 0.5  # hcl, hn_nce: hardness concentration
+    alpha: float = 1.0  # hn_nce: weight of the positive in the denominator
+    tau_plus: float = 0.1  # hcl: prior probability that a negative is a positive
+    siglip_exchange: str = "gather"  # siglip across processes: gather | ring
+    positive_aggregation: str = "geometric"  # multi_positive: geometric (SupCon) | arithmetic (Poly-View)
 
 
 @dataclass
@@ -108,6 +119,8 @@ _CHOICES = {
     "optim.schedule": ("cosine", "constant"),
     "engine.device": ("auto", "cpu", "cuda"),
     "engine.precision": ("fp32", "bf16"),
+    "loss.siglip_exchange": ("gather", "ring"),
+    "loss.positive_aggregation": ("geometric", "arithmetic"),
 }
 
 
@@ -157,8 +170,28 @@ def check(config: Config) -> None:
                        ("model.embed_dim", config.model.embed_dim), ("run.keep_last", config.run.keep_last)):
         if value < 1:
             raise ConfigError(f"config key {key!r}: must be at least 1, got {value}")
+    check_loss(config)
     if config.data.workers < 0:
         raise ConfigError(f"config key 'data.workers': must be >= 0, got {config.data.workers}")
+
+
+def check_loss(config: Config) -> None:
+    loss, towers = config.loss, set(config.model.towers)
+    for pair in loss.pairs:
+        ends = pair.split("-")
+        if len(ends) != 2 or ends[0] == ends[1] or not set(ends) <= towers:
+            raise ConfigError(f"config key 'loss.pairs': {pair!r} is not 'a-b' for two different towers of {sorted(towers)}")
+    for pair in loss.pair_weights:
+        if pair not in (loss.pairs or [f"{a}-{b}" for a in towers for b in towers if a != b]):
+            raise ConfigError(f"config key 'loss.pair_weights.{pair}': not a pair the loss uses")
+    if loss.anchor and loss.anchor not in towers:
+        raise ConfigError(f"config key 'loss.anchor': {loss.anchor!r} is not a tower ({', '.join(sorted(towers))})")
+    if loss.name == "symile" and len(towers) < 3:
+        raise ConfigError(f"config key 'loss.name': symile needs three or more towers, got {len(towers)}")
+    if not 0 <= loss.tau_plus < 1:
+        raise ConfigError(f"config key 'loss.tau_plus': must be in [0, 1), got {loss.tau_plus}")
+    if loss.chunk_size < 1:
+        raise ConfigError(f"config key 'loss.chunk_size': must be at least 1, got {loss.chunk_size}")
 
 
 def to_yaml(config: Config) -> str:

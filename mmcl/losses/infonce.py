@@ -1,22 +1,18 @@
-"""Symmetric InfoNCE (CLIP): cross-entropy over scaled cosine similarities, in both directions."""
+"""Symmetric InfoNCE (CLIP) and the decoupled contrastive loss (DCL)."""
 
 from __future__ import annotations
 
-from itertools import combinations
-from typing import Dict, Mapping
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from mmcl.config import LossConfig
+from mmcl.losses.base import RowwiseLoss, positive_logits, without_positive
 from mmcl.losses.registry import LOSSES
 
 
 def infonce_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean of the a->b and b->a cross-entropies; a and b are (B, D) unit-norm, row i of each paired.
+    """Single-process CLIP loss: mean of the a->b and b->a cross-entropies over the full batch.
 
-    `logit_scale` is the multiplier itself (exp of the learnt log-scale), as open_clip's ClipLoss takes it.
+    a, b: (B, D) unit-norm, row i of each paired; `logit_scale` is the multiplier, as open_clip's ClipLoss takes it.
     """
     logits = logit_scale * a @ b.T  # (B, D) x (D, B) -> (B, B)
     labels = torch.arange(a.shape[0], device=a.device)
@@ -25,17 +21,17 @@ def infonce_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, la
 
 
 @LOSSES.register("infonce")
-class InfoNCE(nn.Module):
-    """InfoNCE over every pair of the modalities present, averaged; parts are reported per pair."""
+class InfoNCE(RowwiseLoss):
+    def row_losses(self, anchors, candidates, logit_scale, positive):
+        logits = logit_scale * anchors @ candidates.T  # (R, D) x (D, C) -> (R, C)
+        return F.cross_entropy(logits, positive, reduction="none", label_smoothing=self.cfg.label_smoothing)
 
-    def __init__(self, cfg: LossConfig) -> None:
-        super().__init__()
-        self.label_smoothing = cfg.label_smoothing
 
-    def forward(self, embeddings: Mapping[str, torch.Tensor], logit_scale: torch.Tensor) -> Dict[str, torch.Tensor]:
-        pairs = list(combinations(sorted(embeddings), 2))
-        if not pairs:
-            raise ValueError(f"InfoNCE needs two modalities, got {sorted(embeddings)}")
-        parts = {f"{a}_{b}": infonce_loss(embeddings[a], embeddings[b], logit_scale, self.label_smoothing)
-                 for a, b in pairs}
-        return {"loss": torch.stack(list(parts.values())).mean(), **parts}
+@LOSSES.register("dcl")
+class DecoupledContrastive(RowwiseLoss):
+    """DCL (Yeh et al., 2022): InfoNCE with the positive removed from the denominator, which removes
+    the coupling that shrinks the gradient when the positive is already easy."""
+
+    def row_losses(self, anchors, candidates, logit_scale, positive):
+        logits = logit_scale * anchors @ candidates.T  # (R, C)
+        return without_positive(logits, positive).logsumexp(dim=1) - positive_logits(logits, positive)

@@ -23,6 +23,7 @@ class MultiEncoder(nn.Module):
                 self.towers[modality].requires_grad_(False)
         # Stored as log(1/temperature), as in CLIP, so the optimiser works on an unconstrained value.
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
+        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
         self.max_logit_scale = cfg.max_logit_scale
 
     @property

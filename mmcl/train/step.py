@@ -14,7 +14,7 @@ def train_step(model: MultiEncoder, loss_fn: Callable, optimizer: torch.optim.Op
                grad_clip: float, autocast: torch.autocast) -> Dict[str, float]:
     with autocast:
         embeddings = model(inputs)  # modality -> (B, D), unit norm
-        out = loss_fn(embeddings, model.scale())
+        out = loss_fn(embeddings, model.scale(), model.logit_bias)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     params = [p for p in model.parameters() if p.grad is not None]

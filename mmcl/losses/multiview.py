@@ -1,0 +1,57 @@
+"""Several positives per anchor: K views or K captions per sample, in one loss.
+
+Embeddings may be (B, K, D). Every view of sample i in one modality is a positive for every view of
+sample i in the other (a SupCon-style positive mask over sample ids); all other candidates are
+negatives. Two ways to aggregate an anchor's positives:
+- "geometric": mean over positives of -log softmax (SupCon's L_out; the geometric mean of likelihoods);
+- "arithmetic": -log of the mean positive likelihood (Poly-View's arithmetic aggregation, MIL-NCE).
+With K = 1 both equal InfoNCE.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mmcl import dist
+from mmcl.losses.base import ContrastiveLoss
+from mmcl.losses.registry import LOSSES
+
+
+def _views(embeddings: torch.Tensor) -> torch.Tensor:
+    return embeddings if embeddings.ndim == 3 else embeddings[:, None]  # (B, D) -> (B, 1, D)
+
+
+def _flat_with_ids(embeddings: torch.Tensor, first_id: int) -> tuple:
+    views = _views(embeddings)  # (B, K, D)
+    batch, k, _ = views.shape
+    ids = (torch.arange(batch, device=views.device) + first_id).repeat_interleave(k)  # (B*K,)
+    return views.flatten(0, 1), ids  # (B*K, D), (B*K,)
+
+
+@LOSSES.register("multi_positive")
+class MultiPositive(ContrastiveLoss):
+    def pair_loss(self, local_a, local_b, global_a, global_b, logit_scale, logit_bias, negatives_a, negatives_b):
+        first = dist.rank() * local_a.shape[0]
+        anchors_a, ids_a = _flat_with_ids(local_a, first)
+        anchors_b, ids_b = _flat_with_ids(local_b, first)
+        candidates_a, cand_ids_a = _flat_with_ids(global_a, 0)
+        candidates_b, cand_ids_b = _flat_with_ids(global_b, 0)
+        if negatives_a is not None:  # explicit negatives match no sample id
+            candidates_a = torch.cat([candidates_a, negatives_a])
+            cand_ids_a = torch.cat([cand_ids_a, cand_ids_a.new_full((negatives_a.shape[0],), -1)])
+        if negatives_b is not None:
+            candidates_b = torch.cat([candidates_b, negatives_b])
+            cand_ids_b = torch.cat([cand_ids_b, cand_ids_b.new_full((negatives_b.shape[0],), -1)])
+        a_to_b = self.row_losses(anchors_a, ids_a, candidates_b, cand_ids_b, logit_scale)
+        b_to_a = self.row_losses(anchors_b, ids_b, candidates_a, cand_ids_a, logit_scale)
+        return (a_to_b.mean() + b_to_a.mean()) / 2
+
+    def row_losses(self, anchors, anchor_ids, candidates, candidate_ids, logit_scale):
+        logits = logit_scale * anchors @ candidates.T  # (R, D) x (D, C) -> (R, C)
+        positive = anchor_ids[:, None] == candidate_ids[None, :]  # (R, C)
+        count = positive.sum(dim=1)  # (R,)
+        log_z = logits.logsumexp(dim=1)  # (R,)
+        if self.cfg.positive_aggregation == "geometric":
+            return log_z - (logits * positive).sum(dim=1) / count
+        positive_lse = logits.masked_fill(~positive, float("-inf")).logsumexp(dim=1)  # (R,)
+        return log_z - positive_lse + torch.log(count.to(logits.dtype))

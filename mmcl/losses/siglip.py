@@ -1,0 +1,59 @@
+"""SigLIP (Zhai et al., 2023): an independent binary classification per pair, with learnable bias.
+
+loss = -1/B sum_ij log sigmoid(z_ij * (scale * a_i . b_j + bias)), z_ij = +1 if i == j else -1.
+
+Distributed, each process scores its own rows against every candidate, by one of two exchanges:
+- "gather": all-gather the b embeddings (with gradients) and score local rows against all of them;
+- "ring": keep b local and pass it around the ring world-1 times (gradients travel back the same way),
+  so no process ever holds more than two blocks of b or any global logits (big_vision's chunked form).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from mmcl import dist
+from mmcl.losses.base import ContrastiveLoss, local_positions, single_view
+from mmcl.losses.registry import LOSSES
+
+
+def siglip_loss(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """Single-process SigLIP loss on the full batch, reduced as open_clip's SigLipLoss (sum / B)."""
+    return _block(a, b, logit_scale, logit_bias, positive=torch.arange(a.shape[0], device=a.device)) / a.shape[0]
+
+
+def _block(a: torch.Tensor, b: torch.Tensor, logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor],
+           positive: Optional[torch.Tensor]) -> torch.Tensor:
+    """Summed pair losses of rows `a` against columns `b`; `positive[i]` is row i's positive column, if any."""
+    logits = logit_scale * a @ b.T  # (R, D) x (D, C) -> (R, C)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    signs = -torch.ones_like(logits)
+    if positive is not None:
+        signs[torch.arange(a.shape[0], device=a.device), positive] = 1.0
+    return -F.logsigmoid(signs * logits).sum()
+
+
+@LOSSES.register("siglip")
+class SigLIP(ContrastiveLoss):
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.gathers = cfg.siglip_exchange == "gather"
+
+    def pair_loss(self, local_a, local_b, global_a, global_b, logit_scale, logit_bias, negatives_a, negatives_b):
+        if negatives_a is not None or negatives_b is not None:
+            raise ValueError("siglip takes no explicit hard negatives")
+        local_a, local_b = single_view(local_a, "siglip"), single_view(local_b, "siglip")
+        if self.cfg.siglip_exchange == "gather":
+            total = _block(local_a, single_view(global_b, "siglip"), logit_scale, logit_bias, local_positions(local_a))
+        else:
+            diagonal = torch.arange(local_a.shape[0], device=local_a.device)
+            total = _block(local_a, local_b, logit_scale, logit_bias, diagonal)
+            visiting = local_b
+            for _ in range(dist.world_size() - 1):
+                visiting = dist.ring_shift_with_grad(visiting)  # another process's b: negatives only
+                total = total + _block(local_a, visiting, logit_scale, logit_bias, positive=None)
+        return total / local_a.shape[0]

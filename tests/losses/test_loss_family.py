@@ -1,0 +1,127 @@
+"""Every fast loss equals its slow reference (tests/losses/reference.py), forward and backward, in float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mmcl.config import LossConfig
+from mmcl.losses import build_loss, infonce_loss, siglip_loss
+
+import reference
+
+GRID = [(2, 3, 1.0), (5, 8, 0.07), (12, 4, 0.3), (17, 16, 0.01)]  # (batch, dim, temperature)
+
+
+def unit(*shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(*shape, generator=g, dtype=torch.float64), dim=-1).requires_grad_(True)
+
+
+def assert_same_loss_and_grads(fast, slow, inputs, rtol=1e-5):
+    torch.testing.assert_close(fast, slow, rtol=rtol, atol=1e-12)
+    fast_grads = torch.autograd.grad(fast, inputs)
+    slow_grads = torch.autograd.grad(slow, inputs)
+    for g_fast, g_slow in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(g_fast, g_slow, rtol=rtol, atol=1e-10)
+
+
+def scale_for(temperature):
+    return torch.tensor(1 / temperature, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("n, d, t", GRID)
+@pytest.mark.parametrize("name, options, slow", [
+    ("infonce", {}, lambda a, b, s: reference.infonce(a, b, s)),
+    ("infonce", {"label_smoothing": 0.1}, lambda a, b, s: reference.infonce(a, b, s, 0.1)),
+    ("infonce_tiled", {"chunk_size": 3}, lambda a, b, s: reference.infonce(a, b, s)),
+    ("infonce_tiled", {"chunk_size": 4, "label_smoothing": 0.2}, lambda a, b, s: reference.infonce(a, b, s, 0.2)),
+    ("dcl", {}, reference.dcl),
+    ("hn_nce", {"alpha": 0.7, "beta": 0.5}, lambda a, b, s: reference.hn_nce(a, b, s, 0.7, 0.5)),
+    ("hn_nce", {"alpha": 0.0, "beta": 2.0}, lambda a, b, s: reference.hn_nce(a, b, s, 0.0, 2.0)),
+    ("hcl", {"beta": 0.5, "tau_plus": 0.1}, lambda a, b, s: reference.hcl(a, b, s, 0.5, 0.1)),
+    ("hcl", {"beta": 1.0, "tau_plus": 0.0}, lambda a, b, s: reference.hcl(a, b, s, 1.0, 0.0)),
+])
+def test_pairwise_losses_match_reference(name, options, slow, n, d, t):
+    if name in ("dcl", "hn_nce", "hcl") and n < 2:
+        pytest.skip("needs a negative")
+    a, b, scale = unit(n, d, seed=n), unit(n, d, seed=n + 100), scale_for(t)
+    fast = build_loss(LossConfig(name=name, **options))({"image": a, "text": b}, scale)
+    assert set(fast) == {"loss", "image-text"}
+    assert_same_loss_and_grads(fast["loss"], slow(a, b, scale), (a, b, scale))
+
+
+@pytest.mark.parametrize("n, d, t", GRID)
+def test_siglip_matches_reference(n, d, t):
+    a, b, scale = unit(n, d, seed=1), unit(n, d, seed=2), scale_for(t)
+    bias = torch.tensor(-2.5, dtype=torch.float64, requires_grad=True)
+    fast = build_loss(LossConfig(name="siglip"))({"image": a, "text": b}, scale, bias)["loss"]
+    assert_same_loss_and_grads(fast, reference.siglip(a, b, scale, bias), (a, b, scale, bias))
+    torch.testing.assert_close(siglip_loss(a, b, scale, bias), fast)
+
+
+@pytest.mark.parametrize("n, ka, kb, d, t", [(3, 2, 1, 4, 0.1), (4, 3, 2, 6, 0.5), (5, 1, 4, 8, 0.05), (2, 2, 2, 3, 1.0)])
+@pytest.mark.parametrize("aggregation", ["geometric", "arithmetic"])
+def test_multi_positive_matches_reference(aggregation, n, ka, kb, d, t):
+    a, b, scale = unit(n, ka, d, seed=3), unit(n, kb, d, seed=4), scale_for(t)
+    loss = build_loss(LossConfig(name="multi_positive", positive_aggregation=aggregation))
+    fast = loss({"image": a, "text": b}, scale)["loss"]
+    assert_same_loss_and_grads(fast, reference.multi_positive(a, b, scale, aggregation), (a, b, scale))
+
+
+@pytest.mark.parametrize("aggregation", ["geometric", "arithmetic"])
+def test_multi_positive_with_one_view_is_infonce(aggregation):
+    a, b, scale = unit(6, 5, seed=5), unit(6, 5, seed=6), scale_for(0.1)
+    loss = build_loss(LossConfig(name="multi_positive", positive_aggregation=aggregation))
+    torch.testing.assert_close(loss({"image": a, "text": b}, scale)["loss"], infonce_loss(a, b, scale))
+
+
+@pytest.mark.parametrize("n, d, t", [(3, 4, 0.1), (6, 8, 0.5), (9, 5, 1.0)])
+@pytest.mark.parametrize("modalities", [3, 4])
+def test_symile_matches_reference(modalities, n, d, t):
+    embeddings = {f"m{k}": unit(n, d, seed=10 + k) for k in range(modalities)}
+    scale = scale_for(t)
+    fast = build_loss(LossConfig(name="symile"))(embeddings, scale)["loss"]
+    assert_same_loss_and_grads(fast, reference.symile(embeddings, scale), (*embeddings.values(), scale))
+
+
+@pytest.mark.parametrize("name", ["infonce", "infonce_tiled", "dcl", "hn_nce", "hcl", "multi_positive"])
+def test_three_modalities_sum_pairs_with_weights(name):
+    emb = {"audio": unit(5, 4, seed=20), "image": unit(5, 4, seed=21), "text": unit(5, 4, seed=22)}
+    scale = scale_for(0.2)
+    weights = {"audio-text": 0.5, "image-text": 2.0}
+    loss = build_loss(LossConfig(name=name, pairs=["audio-text", "image-text"], pair_weights=weights))
+    out = loss(emb, scale)
+    single = build_loss(LossConfig(name=name))
+    expected = sum(w * single({a: emb[a], b: emb[b]}, scale)["loss"] for (a, b), w in
+                   [(("audio", "text"), 0.5), (("image", "text"), 2.0)])
+    torch.testing.assert_close(out["loss"], expected)
+    assert set(out) == {"loss", "audio-text", "image-text"}
+
+
+def test_anchor_modality_uses_only_its_pairs():
+    emb = {"audio": unit(4, 3, seed=30), "image": unit(4, 3, seed=31), "text": unit(4, 3, seed=32)}
+    out = build_loss(LossConfig(name="infonce", anchor="image"))(emb, scale_for(0.5))
+    assert set(out) == {"loss", "image-audio", "image-text"}
+    torch.testing.assert_close(out["loss"], out["image-audio"] + out["image-text"])
+
+
+@pytest.mark.parametrize("name", ["infonce", "infonce_tiled", "multi_positive"])
+def test_explicit_hard_negatives_are_extra_candidates(name):
+    a, b, scale = unit(4, 6, seed=40), unit(4, 6, seed=41), scale_for(0.1)
+    hard_b = unit(4, 2, 6, seed=42)  # two hard-negative captions per sample: (B, H, D)
+    fast = build_loss(LossConfig(name=name, chunk_size=3))({"image": a, "text": b}, scale, negatives={"text": hard_b})
+    slow = reference.infonce(a, b, scale, extra_b=hard_b.reshape(-1, 6))
+    assert_same_loss_and_grads(fast["loss"], slow, (a, b, hard_b, scale))
+
+
+def test_hn_nce_reduces_to_infonce():
+    a, b, scale = unit(7, 5, seed=50), unit(7, 5, seed=51), scale_for(0.1)
+    hn = build_loss(LossConfig(name="hn_nce", alpha=1.0, beta=0.0))({"image": a, "text": b}, scale)["loss"]
+    torch.testing.assert_close(hn, infonce_loss(a, b, scale))
+
+
+def test_hcl_is_stable_at_the_largest_scale_in_float32():
+    a = F.normalize(torch.randn(64, 32), dim=-1)
+    b = F.normalize(a + 0.1 * torch.randn(64, 32), dim=-1)
+    out = build_loss(LossConfig(name="hcl"))({"image": a, "text": b}, torch.tensor(100.0))
+    assert torch.isfinite(out["loss"])
