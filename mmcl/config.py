@@ -95,6 +95,8 @@ class OptimConfig:
 class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16
+    # Gradient cache: modality -> chunk size (rows embedded with autograd at a time); empty: plain backward.
+    grad_cache: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -171,6 +173,13 @@ def check(config: Config) -> None:
         if value < 1:
             raise ConfigError(f"config key {key!r}: must be at least 1, got {value}")
     check_loss(config)
+    for modality, chunk in config.engine.grad_cache.items():
+        key = f"engine.grad_cache.{modality}"
+        if modality not in config.model.towers:
+            raise ConfigError(f"config key {key!r}: no tower {modality!r}")
+        if not 1 <= chunk <= config.data.batch_size:
+            raise ConfigError(f"config key {key!r}: chunk size {chunk} must be in 1..data.batch_size "
+                              f"({config.data.batch_size})")
     if config.data.workers < 0:
         raise ConfigError(f"config key 'data.workers': must be >= 0, got {config.data.workers}")
 

@@ -49,6 +49,16 @@ def test_wrong_type_is_named():
     ("loss.name=triplet", "loss.name"),
     ("optim.schedule=linear", "optim.schedule"),
     ("data.batch_size=0", "data.batch_size"),
+    ("loss.pairs=[image-audio]", "loss.pairs"),
+    ("loss.pairs=[image-image]", "loss.pairs"),
+    ("loss.anchor=audio", "loss.anchor"),
+    ("loss.name=symile", "loss.name"),
+    ("loss.siglip_exchange=allreduce", "loss.siglip_exchange"),
+    ("loss.positive_aggregation=median", "loss.positive_aggregation"),
+    ("loss.pair_weights.image-audio=2", "loss.pair_weights.image-audio"),
+    ("loss.tau_plus=1.0", "loss.tau_plus"),
+    ("engine.grad_cache.image=64", "engine.grad_cache.image"),
+    ("engine.grad_cache.audio=4", "engine.grad_cache.audio"),
 ])
 def test_semantic_errors_are_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -20,6 +20,7 @@ from mmcl.eval.report import format_table, write_json
 from mmcl.eval.zeroshot import evaluate_dataset
 from mmcl.losses import build_loss
 from mmcl.models import MultiEncoder
+from mmcl.train.gradcache import build_backward
 from mmcl.train.optim import build_optimizer, build_schedule
 from mmcl.train.step import train_step
 
@@ -60,6 +61,7 @@ def train(cfg: Config) -> Path:
 
     model = MultiEncoder(cfg.model).to(device)
     loss_fn = build_loss(cfg.loss)
+    backward = build_backward(cfg.engine.grad_cache)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_schedule(optimizer, cfg.optim, cfg.run.steps)
     stream = TrainStream(cfg.data.train, stream_inputs(model, cfg.data.fields), cfg.data.batch_size,
@@ -91,7 +93,7 @@ def train(cfg: Config) -> Path:
     with open(run_dir / "metrics.jsonl", "a" if resume_from is not None else "w") as metrics_file:
         for batch in stream if step < cfg.run.steps else ():
             inputs = {m: x.to(device, non_blocking=True) for m, x in batch.inputs.items()}
-            metrics = train_step(model, loss_fn, optimizer, scheduler, inputs, cfg.optim.grad_clip, autocast)
+            metrics = train_step(model, loss_fn, backward, optimizer, scheduler, inputs, cfg.optim.grad_clip, autocast)
             step += 1
             samples_seen += len(batch)
             samples_skipped += batch.skipped
