@@ -47,8 +47,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     from mmcl import config as config_lib
     from mmcl.checkpoint import state as checkpoints
-    from mmcl.models import MultiEncoder
-    from mmcl.train.loop import evaluate, pick_device
+    from mmcl.train.loop import evaluate, evaluation_model, pick_device
 
     path = Path(args.checkpoint)
     if (path / "checkpoints").exists():  # a run directory: its latest checkpoint
@@ -56,15 +55,13 @@ def _eval(args: argparse.Namespace) -> None:
         if latest is None:
             raise FileNotFoundError(f"no complete checkpoint in {path}")
         path = latest
-    state = checkpoints.load(path)
-    cfg = config_lib.from_yaml(state["config"])
+    cfg = config_lib.from_yaml((path / "config.yaml").read_text())
     if args.datasets:
         cfg.eval.datasets = args.datasets
     if not cfg.eval.datasets:
         raise ConfigError("no datasets to evaluate: pass --datasets or set eval.datasets in the run's config")
     device = pick_device(cfg.engine.device)
-    model = MultiEncoder(cfg.model).to(device)
-    model.load_state_dict(state["model"])
+    model = evaluation_model(cfg, checkpoints.load_weights(path), device)
     out = Path(args.out) if args.out else path / "eval.json"
     with torch.no_grad():
         evaluate(model, cfg, out, device)

@@ -93,6 +93,8 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
+    backend: str = "torch"  # torch (one process) | deepspeed (any number of processes)
+    zero_stage: int = 0  # deepspeed: ZeRO stage 0 (data parallel), 1, 2 or 3
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16
     # Gradient cache: modality -> chunk size (rows embedded with autograd at a time); empty: plain backward.
@@ -119,6 +121,8 @@ class Config:
 
 _CHOICES = {
     "optim.schedule": ("cosine", "constant"),
+    "engine.backend": ("torch", "deepspeed"),
+    "engine.zero_stage": (0, 1, 2, 3),
     "engine.device": ("auto", "cpu", "cuda"),
     "engine.precision": ("fp32", "bf16"),
     "loss.siglip_exchange": ("gather", "ring"),
@@ -156,7 +160,7 @@ def check(config: Config) -> None:
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value not in allowed:
-            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(allowed)}")
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, allowed))}")
     if config.loss.name not in LOSSES:
         raise ConfigError(f"config key 'loss.name': unknown loss {config.loss.name!r}; known: {', '.join(LOSSES.names())}")
     if len(config.model.towers) < 2:

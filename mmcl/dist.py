@@ -5,6 +5,8 @@ Every helper is the identity on a single process, so losses run unchanged with o
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
@@ -57,3 +59,52 @@ def _exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> torch.Tenso
 def ring_shift_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """The previous rank's tensor (rank r receives from r-1), differentiable."""
     return _RingShift.apply(tensor) if is_distributed() else tensor
+
+
+def init_from_env() -> None:
+    """Join the process group a launcher (torchrun, deepspeed, srun) describes in the environment.
+
+    gloo on CPU, NCCL with CUDA; nothing when launched as a single process.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank())
+    dist.init_process_group(backend)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every process if it is True on any (e.g. a stop signal that reached one process)."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def all_gather_object(obj: object) -> list:
+    """Every process's value of a small picklable object, in rank order."""
+    if not is_distributed():
+        return [obj]
+    gathered: list = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_object(obj: object) -> object:
+    """Rank 0's value of a small picklable object, on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,21 +1,32 @@
-"""Atomic, resumable checkpoints: <run>/checkpoints/step_XXXXXXXX/{state.pt,config.yaml} and a `latest` file.
+"""Atomic, resumable checkpoints: <run>/checkpoints/step_XXXXXXXX/ and a `latest` file beside them.
 
-A checkpoint is written into a hidden temporary directory and renamed into place only when complete,
-and `latest` is replaced atomically afterwards, so a crash mid-save never leaves a partial checkpoint
-as the latest one. States are loaded with `weights_only=True`: no arbitrary unpickling.
+A checkpoint directory holds the engine's state (engine.pt, or DeepSpeed's sharded files), one
+rng_<rank>.pt per process, the full weights (model.safetensors), config.yaml and meta.json. Every process writes into a hidden
+temporary directory; process 0 renames it into place only when all have finished, then replaces
+`latest` atomically, so a crash mid-save never leaves a partial checkpoint as the latest one.
+Our own files load with `weights_only=True`: no arbitrary unpickling.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import torch
+from safetensors.torch import load_file, save_file
 
-STATE_FILE = "state.pt"
+from mmcl import dist
+
+if TYPE_CHECKING:
+    from mmcl.train.engine import Engine
+
 LATEST_FILE = "latest"
+META_FILE = "meta.json"
+WEIGHTS_FILE = "model.safetensors"  # the full model weights, for evaluation and conversion
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -30,27 +41,54 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save(run_dir: Path, step: int, state: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
+def _rng_states() -> Dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def _restore_rng(states: Dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    if states["cuda"]:
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save(run_dir: Path, step: int, engine: "Engine", meta: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
+    """Collective: every process calls it with the same step; returns the checkpoint directory."""
     root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    with open(tmp / STATE_FILE, "wb") as handle:
-        torch.save(state, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    (tmp / "config.yaml").write_text(config_yaml)
-    if final.exists():  # re-saving the same step (e.g. a signal right after a periodic save)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    latest_tmp = root / f".{LATEST_FILE}.{os.getpid()}"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / LATEST_FILE)
-    _fsync_dir(root)
-    _prune(root, keep_last)
+    tmp = root / f".tmp_step_{step:08d}"
+    if dist.rank() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    engine.save(tmp, {"step": step})
+    torch.save(_rng_states(), tmp / f"rng_{dist.rank()}.pt")
+    weights = engine.model_state()  # collective under ZeRO-3 (gathers the shards)
+    dist.barrier()
+    if dist.rank() == 0:
+        save_file(weights, tmp / WEIGHTS_FILE)
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(), **meta}) + "\n")
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. a stop signal right after a periodic save)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        latest_tmp = root / f".{LATEST_FILE}.tmp"
+        latest_tmp.write_text(final.name + "\n")
+        os.replace(latest_tmp, root / LATEST_FILE)
+        _fsync_dir(root)
+        _prune(root, keep_last)
+    dist.barrier()
     return final
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb+") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(path)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -64,7 +102,7 @@ def latest(run_dir: Path) -> Optional[Path]:
     if not pointer.exists():
         return None
     path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    return path if (path / STATE_FILE).exists() else None
+    return path if (path / META_FILE).exists() else None
 
 
 def resolve(run_dir: Path, resume: str) -> Optional[Path]:
@@ -74,10 +112,25 @@ def resolve(run_dir: Path, resume: str) -> Optional[Path]:
     if resume == "latest":
         return latest(run_dir)
     path = Path(resume)
-    if not (path / STATE_FILE).exists():
-        raise FileNotFoundError(f"run.resume={resume!r}: no {STATE_FILE} there")
+    if not (path / META_FILE).exists():
+        raise FileNotFoundError(f"run.resume={resume!r}: not a complete checkpoint (no {META_FILE})")
     return path
 
 
-def load(path: Path) -> Dict[str, Any]:
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=True)
+def read_meta(path: Path) -> Dict[str, Any]:
+    return json.loads((Path(path) / META_FILE).read_text())
+
+
+def load(path: Path, engine: "Engine") -> Dict[str, Any]:
+    """Collective: restores the engine and this process's RNG; returns the checkpoint's meta data."""
+    meta = read_meta(path)
+    if meta["world_size"] != dist.world_size():
+        raise ValueError(f"{path} was written by {meta['world_size']} processes, this run has "
+                         f"{dist.world_size()}: resume with the same number of processes")
+    engine.load(path)
+    _restore_rng(torch.load(Path(path) / f"rng_{dist.rank()}.pt", weights_only=True))
+    return meta
+
+
+def load_weights(path: Path) -> Dict[str, torch.Tensor]:
+    return load_file(Path(path) / WEIGHTS_FILE)

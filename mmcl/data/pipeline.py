@@ -108,29 +108,65 @@ def _seeded_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator[d
 
 
 class TrainStream:
-    """Endless batches for training: epoch after epoch over the shards, each epoch in a new seeded order."""
+    """Endless batches for training: epoch after epoch over the shards, each epoch in a new seeded order.
+
+    The stream's position is (epoch, batches taken in it); `position` reports it and the constructor's
+    `start` resumes from it exactly: the epoch is rebuilt with the same seeds and the batches already
+    taken are drawn again and dropped. Every random choice of the data (shuffle buffers, augmentation)
+    comes from seeds of (seed, epoch, rank, worker), never from the training process's RNG, so a
+    resumed stream yields the very batches the uninterrupted one would have.
+    """
 
     def __init__(self, urls: str, inputs: Dict[str, InputSpec], batch_size: int, workers: int,
-                 shuffle_buffer: int, seed: int) -> None:
+                 shuffle_buffer: int, seed: int, start: tuple = (0, 0)) -> None:
         self.urls = expand_urls(urls)
         self.inputs = inputs
         self.batch_size = batch_size
         self.workers = workers
         self.shuffle_buffer = shuffle_buffer
         self.seed = seed
-        self.epoch = 0
+        self.epoch, self.taken = start
+
+    @property
+    def position(self) -> tuple:
+        return self.epoch, self.taken
 
     def __iter__(self) -> Iterator[Batch]:
+        skip = self.taken
         for self.epoch in count(self.epoch):
-            pipeline = _pipeline(self.urls, self.inputs, self.batch_size, self.seed, self.epoch,
-                                 self.shuffle_buffer, partial=False)
-            produced = 0
-            for batch in wds.WebLoader(pipeline, batch_size=None, num_workers=self.workers):
-                produced += 1
-                yield batch
-            if produced == 0:
+            self.taken = 0
+            for batch in self._epoch_batches(self.epoch):
+                self.taken += 1
+                if self.taken > skip:
+                    yield batch
+            if self.taken == 0:
                 raise RuntimeError(f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
                                    f"{self.batch_size}: too few readable samples per worker")
+            skip = 0
+
+    def _epoch_batches(self, epoch: int) -> Iterator[Batch]:
+        pipeline = _pipeline(self.urls, self.inputs, self.batch_size, self.seed, epoch,
+                             self.shuffle_buffer, partial=False)
+        rank = wds.utils.pytorch_worker_info()[0]
+        # Augmentations draw from torch's RNG: seed it per (seed, epoch, rank), apart from the model's.
+        data_seed = hash((self.seed, epoch, rank)) % 2 ** 62
+        if self.workers > 0:  # each worker's torch RNG is seeded from this generator
+            generator = torch.Generator().manual_seed(data_seed)
+            yield from wds.WebLoader(pipeline, batch_size=None, num_workers=self.workers, generator=generator)
+        else:  # in-process: swap the data's own RNG state in and out around each batch
+            data_rng = torch.Generator().manual_seed(data_seed).get_state()
+            batches = iter(pipeline)
+            while True:
+                outer = torch.get_rng_state()
+                torch.set_rng_state(data_rng)
+                try:
+                    batch = next(batches)
+                except StopIteration:
+                    return
+                finally:
+                    data_rng = torch.get_rng_state()
+                    torch.set_rng_state(outer)
+                yield batch
 
 
 def build_eval_loader(urls: str, inputs: Dict[str, InputSpec], batch_size: int, workers: int = 0) -> wds.WebLoader:

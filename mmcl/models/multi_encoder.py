@@ -1,8 +1,8 @@
-"""N towers -> unit-norm embeddings in one space, plus the learnable logit scale the losses use."""
+"""N towers -> unit-norm embeddings in one space, plus the learnt temperature (and bias) the losses use."""
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +10,27 @@ from torch import nn
 
 from mmcl.config import ModelConfig
 from mmcl.models.towers import TOWERS, Tower
+
+
+class Similarity(nn.Module):
+    """The learnt logit scale (log of 1/temperature, as in CLIP) and optional logit bias (SigLIP).
+
+    Parameters are (1,) rather than 0-dim because DeepSpeed's parameter broadcast cannot view 0-dim
+    tensors as bytes. Being a module, calling it inside a forward lets ZeRO-3 gather them like any weight.
+    """
+
+    def __init__(self, init_logit_scale: float, max_logit_scale: float, init_logit_bias: Optional[float]) -> None:
+        super().__init__()
+        self.logit_scale = nn.Parameter(torch.full((1,), float(init_logit_scale)))
+        self.logit_bias = None if init_logit_bias is None else nn.Parameter(torch.full((1,), float(init_logit_bias)))
+        self.max_logit_scale = max_logit_scale
+
+    def forward(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        # CLIP keeps the temperature above 1/100 by clamping the parameter after each step; clamping in
+        # the forward gives the same logits and needs no in-place edit of a (possibly sharded) parameter.
+        scale = self.logit_scale.clamp(0, self.max_logit_scale).exp()[0]  # (1,) -> ()
+        bias = None if self.logit_bias is None else self.logit_bias[0]
+        return scale, bias
 
 
 class MultiEncoder(nn.Module):
@@ -21,10 +42,7 @@ class MultiEncoder(nn.Module):
         for modality, tower in cfg.towers.items():
             if tower.locked:
                 self.towers[modality].requires_grad_(False)
-        # Stored as log(1/temperature), as in CLIP, so the optimiser works on an unconstrained value.
-        self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
-        self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
-        self.max_logit_scale = cfg.max_logit_scale
+        self.similarity = Similarity(cfg.init_logit_scale, cfg.max_logit_scale, cfg.init_logit_bias)
 
     @property
     def modalities(self) -> list:
@@ -34,21 +52,17 @@ class MultiEncoder(nn.Module):
         emb = self.towers[modality](inputs)  # (B, embed_dim)
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """Embeds every modality present in `inputs` that has a tower."""
-        return {m: self.encode(m, x) for m, x in inputs.items() if m in self.towers}
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        """(embeddings of every modality in `inputs` that has a tower, logit scale, logit bias).
+
+        Everything a loss needs comes out of this one call, so a wrapping engine (DeepSpeed ZeRO-3)
+        sees every parameter used inside its forward.
+        """
+        embeddings = {m: self.encode(m, x) for m, x in inputs.items() if m in self.towers}
+        return (embeddings, *self.similarity())
 
     def preprocessors(self, train: bool) -> Dict[str, Callable]:
         return {m: tower.preprocess(train) for m, tower in self.towers.items()}
 
     def tower(self, modality: str) -> Tower:
         return self.towers[modality]  # type: ignore[return-value]
-
-    @torch.no_grad()
-    def clamp_logit_scale(self) -> None:
-        # CLIP clamps the temperature at 1/100: beyond it training becomes unstable.
-        self.logit_scale.clamp_(0, self.max_logit_scale)
-
-    def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp()
-

@@ -11,21 +11,23 @@ The parameter gradients are those of the full-batch loss; memory holds one chunk
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping
+import math
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping
 
 import torch
 
-from mmcl.models import MultiEncoder
+if TYPE_CHECKING:
+    from mmcl.train.engine import Engine
 
 LossFn = Callable[..., Dict[str, torch.Tensor]]
-Backward = Callable[[MultiEncoder, LossFn, Mapping[str, torch.Tensor], torch.autocast], Dict[str, torch.Tensor]]
+Backward = Callable[["Engine", LossFn, Mapping[str, torch.Tensor], torch.autocast], Dict[str, torch.Tensor]]
 
 
-def plain_backward(model: MultiEncoder, loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
+def plain_backward(engine: "Engine", loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
                    autocast: torch.autocast) -> Dict[str, torch.Tensor]:
     with autocast:
-        out = loss_fn(model(inputs), model.scale(), model.logit_bias)
-    out["loss"].backward()
+        out = loss_fn(*engine.forward(inputs))
+    engine.backward(out["loss"])
     return {name: value.detach() for name, value in out.items()}
 
 
@@ -45,9 +47,13 @@ class GradCache:
     def __init__(self, chunk_sizes: Mapping[str, int]) -> None:
         self.chunk_sizes = dict(chunk_sizes)
 
-    def __call__(self, model: MultiEncoder, loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
+    def micro_steps(self, modalities: List[str], batch_size: int) -> int:
+        """Backward calls per step: one per chunk of every tower."""
+        return sum(math.ceil(batch_size / self.chunk_sizes.get(m, batch_size)) for m in modalities)
+
+    def __call__(self, engine: "Engine", loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
                  autocast: torch.autocast) -> Dict[str, torch.Tensor]:
-        modalities = [m for m in model.modalities if m in inputs]
+        modalities = list(inputs)
         chunks = {m: inputs[m].split(self.chunk_sizes.get(m, inputs[m].shape[0])) for m in modalities}
 
         # 1. Embed without a graph, remembering the RNG state each chunk started from.
@@ -58,25 +64,35 @@ class GradCache:
                 parts = []
                 for chunk in chunks[m]:
                     states[m].append(_rng_state())
-                    parts.append(model.encode(m, chunk))
+                    parts.append(engine.forward({m: chunk})[0][m])
                 cached[m] = torch.cat(parts)  # (B, D)
+            _, logit_scale, logit_bias = engine.forward({})
         after_first_pass = _rng_state()
 
-        # 2. The loss on the whole batch; its gradient w.r.t. the cached embeddings.
+        # 2. The loss on the whole batch, and its gradient w.r.t. the cached embeddings, scale and bias.
         leaves = {m: emb.detach().requires_grad_(True) for m, emb in cached.items()}
+        scale_leaf = logit_scale.detach().requires_grad_(True)
+        bias_leaf = None if logit_bias is None else logit_bias.detach().requires_grad_(True)
         with autocast:
-            out = loss_fn(leaves, model.scale(), model.logit_bias)
-        out["loss"].backward()  # also accumulates the logit scale/bias gradients
+            out = loss_fn(leaves, scale_leaf, bias_leaf)
+        wrt = [*leaves.values(), scale_leaf] + ([bias_leaf] if bias_leaf is not None else [])
+        grads = dict(zip([*leaves, "scale", "bias"], torch.autograd.grad(out["loss"], wrt)))
 
-        # 3. Replay each chunk with a graph and push the cached gradient through it.
+        # 3. Replay each chunk with a graph and push the cached gradient through it. The surrogate
+        # <emb, g> has d/dparams = g^T d emb/dparams: the chain rule through the cached gradient.
+        first = True
         for m in modalities:
-            grads = leaves[m].grad.split(self.chunk_sizes.get(m, inputs[m].shape[0]))
-            for chunk, state, grad in zip(chunks[m], states[m], grads):
+            for chunk, state, grad in zip(chunks[m], states[m], grads[m].split(len(chunks[m][0]))):
                 _set_rng_state(state)
                 with autocast:
-                    emb = model.encode(m, chunk)  # (chunk, D)
-                # d<emb, g>/d params = g^T d emb / d params: the chain rule through the cached gradient.
-                torch.sum(emb * grad.to(emb.dtype)).backward()
+                    embeddings, logit_scale, logit_bias = engine.forward({m: chunk})
+                surrogate = torch.sum(embeddings[m] * grad.to(embeddings[m].dtype))
+                if first:  # the scale and bias reach the loss directly: their term rides on one chunk
+                    surrogate = surrogate + logit_scale * grads["scale"]
+                    if logit_bias is not None:
+                        surrogate = surrogate + logit_bias * grads["bias"]
+                    first = False
+                engine.backward(surrogate)
         _set_rng_state(after_first_pass)  # the run continues exactly as after one forward pass
         return {name: value.detach() for name, value in out.items()}
 
@@ -84,3 +100,7 @@ class GradCache:
 def build_backward(chunk_sizes: Mapping[str, int]) -> Backward:
     """Chosen once when training is built: the loop itself never branches on it."""
     return GradCache(chunk_sizes) if chunk_sizes else plain_backward
+
+
+def micro_steps(backward: Backward, modalities: List[str], batch_size: int) -> int:
+    return backward.micro_steps(modalities, batch_size) if isinstance(backward, GradCache) else 1

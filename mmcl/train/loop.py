@@ -1,10 +1,15 @@
-"""The single-process training loop: wire config -> model, loss, stream, optimiser; run; checkpoint; evaluate."""
+"""The training loop: wire config -> model, loss, engine, stream; run; log; checkpoint; evaluate.
+
+Runs unchanged as one process or under a launcher (torchrun, deepspeed, srun): every process trains on
+its share of the shards; process 0 alone writes metrics, shows progress and evaluates.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Dict
@@ -13,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from mmcl import config as config_lib
+from mmcl import dist
 from mmcl.checkpoint import state as checkpoints
 from mmcl.config import Config
 from mmcl.data import InputSpec, TrainStream
@@ -20,18 +26,22 @@ from mmcl.eval.report import format_table, write_json
 from mmcl.eval.zeroshot import evaluate_dataset
 from mmcl.losses import build_loss
 from mmcl.models import MultiEncoder
-from mmcl.train.gradcache import build_backward
-from mmcl.train.optim import build_optimizer, build_schedule
+from mmcl.train.engine import build_engine
+from mmcl.train.gradcache import build_backward, micro_steps
 from mmcl.train.step import train_step
 
 log = logging.getLogger("mmcl.train")
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("engine.device=cuda but no CUDA device is available")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("engine.device=cuda but no CUDA device is available")
+        return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
 
@@ -46,76 +56,101 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1 (a scheduler's warning before preemption or the time limit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        log.warning("received %s: checkpointing after this step, then stopping", signal.Signals(signum).name)
+        self.requested = True
+
+
 def train(cfg: Config) -> Path:
     """Train as configured; returns the run directory (config.yaml, metrics.jsonl, checkpoints/, eval.json)."""
+    dist.init_from_env()
+    is_main = dist.rank() == 0
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     resume_from = checkpoints.resolve(run_dir, cfg.run.resume)
     if resume_from is None and checkpoints.latest(run_dir) is not None:
         raise FileExistsError(f"run directory {run_dir} already holds checkpoints: pass run.resume=latest "
                               "to continue it, or choose another run.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = config_lib.to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(config_yaml)
-    seed_everything(cfg.run.seed)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    seed_everything(cfg.run.seed)  # identical initial weights on every process
     device = pick_device(cfg.engine.device)
 
     model = MultiEncoder(cfg.model).to(device)
     loss_fn = build_loss(cfg.loss)
     backward = build_backward(cfg.engine.grad_cache)
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_schedule(optimizer, cfg.optim, cfg.run.steps)
-    stream = TrainStream(cfg.data.train, stream_inputs(model, cfg.data.fields), cfg.data.batch_size,
-                         cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed)
-    step, samples_seen, samples_skipped = 0, 0, 0
-
+    engine = build_engine(model, cfg, micro_steps(backward, model.modalities, cfg.data.batch_size), device)
+    step, samples_seen, samples_skipped, position = 0, 0, 0, (0, 0)
     if resume_from is not None:
-        state = checkpoints.load(resume_from)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, samples_seen, samples_skipped = state["step"], state["samples_seen"], state["samples_skipped"]
-        stream.epoch = state["data_epoch"] + 1  # the interrupted epoch is not replayed (exact resume: later)
-        torch.set_rng_state(state["torch_rng"])
+        meta = checkpoints.load(resume_from, engine)
+        step, samples_seen, samples_skipped = meta["step"], meta["samples_seen"], meta["samples_skipped"]
+        position = tuple(meta["data_position"][dist.rank()])
         log.info("resumed from %s at step %d", resume_from, step)
+    stream = TrainStream(cfg.data.train, stream_inputs(engine.model, cfg.data.fields), cfg.data.batch_size,
+                         cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed, start=position)
 
     def save() -> Path:
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "step": step, "samples_seen": samples_seen,
-                 "samples_skipped": samples_skipped, "data_epoch": stream.epoch,
-                 "torch_rng": torch.get_rng_state(), "config": config_yaml}
-        return checkpoints.save(run_dir, step, state, config_yaml, cfg.run.keep_last)
+        meta = {"samples_seen": samples_seen, "samples_skipped": samples_skipped,
+                "data_position": dist.all_gather_object(stream.position)}  # one (epoch, batches) per process
+        return checkpoints.save(run_dir, step, engine, meta, config_yaml, cfg.run.keep_last)
 
+    stop = StopRequest()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
-    model.train()
-    progress = tqdm(total=cfg.run.steps, initial=step, desc="train", disable=not cfg.run.progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    # A resumed run appends to its metrics; a fresh one starts them anew.
-    with open(run_dir / "metrics.jsonl", "a" if resume_from is not None else "w") as metrics_file:
+    engine.model.train()
+    progress = tqdm(total=cfg.run.steps, initial=step, desc="train", dynamic_ncols=True,
+                    disable=not (cfg.run.progress and is_main))
+    started, seen_at_start = time.perf_counter(), samples_seen
+    metrics_file = open(run_dir / "metrics.jsonl", "a" if resume_from is not None else "w") if is_main else None
+    stopping = False
+    try:
         for batch in stream if step < cfg.run.steps else ():
             inputs = {m: x.to(device, non_blocking=True) for m, x in batch.inputs.items()}
-            metrics = train_step(model, loss_fn, backward, optimizer, scheduler, inputs, cfg.optim.grad_clip, autocast)
+            metrics = train_step(engine, loss_fn, backward, inputs, autocast)
             step += 1
-            samples_seen += len(batch)
+            samples_seen += len(batch) * dist.world_size()
             samples_skipped += batch.skipped
-            if batch.skipped:
-                log.warning("%d unreadable sample(s) skipped so far", samples_skipped)
             progress.update(1)
-            if step % cfg.run.log_every == 0 or step == cfg.run.steps:
-                elapsed = time.perf_counter() - started
+            if metrics_file and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
+                rate = (samples_seen - seen_at_start) / max(time.perf_counter() - started, 1e-9)
                 record = {"step": step, "samples_seen": samples_seen, "samples_skipped": samples_skipped,
-                          "epoch": stream.epoch, "samples_per_s": samples_seen / max(elapsed, 1e-9), **metrics}
+                          "epoch": stream.epoch, "samples_per_s": rate, **metrics}
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}")
-            if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps:
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", skipped=samples_skipped)
+            stopping = dist.any_rank(stop.requested)
+            if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stopping:
                 save()
-            if step >= cfg.run.steps:
+            if step >= cfg.run.steps or stopping:
                 break
-    progress.close()
+    finally:
+        progress.close()
+        if metrics_file:
+            metrics_file.close()
 
-    if cfg.eval.datasets:
-        evaluate(model, cfg, run_dir / "eval.json", device)
+    if stopping:
+        log.warning("stopped at step %d on request; resume with run.resume=latest", step)
+    elif cfg.eval.datasets:
+        weights = engine.model_state()  # collective: gathers ZeRO-3 shards
+        if is_main:
+            evaluate(evaluation_model(cfg, weights, device), cfg, run_dir / "eval.json", device)
+    dist.barrier()
     return run_dir
+
+
+def evaluation_model(cfg: Config, weights: Dict[str, torch.Tensor], device: torch.device) -> MultiEncoder:
+    """A plain, unsharded copy of the model for evaluation on one process."""
+    model = MultiEncoder(cfg.model)
+    model.load_state_dict(weights)
+    return model.to(device).eval()
 
 
 def evaluate(model: MultiEncoder, cfg: Config, out_path: Path, device: torch.device) -> Dict[str, Dict]:

@@ -31,9 +31,10 @@ def test_train_resume_and_evaluate(tmp_path, digits_root):
 
     assert checkpoints.latest(run_dir).name == "step_00000300"
     assert [p.name for p in (run_dir / "checkpoints").glob("step_*")] == ["step_00000300"]  # keep_last=1
-    saved = checkpoints.load(run_dir / "checkpoints" / "step_00000300")
-    assert config_lib.from_yaml(saved["config"]).run.steps == 300  # the resolved config travels with it
-    assert (run_dir / "config.yaml").read_text() == saved["config"]
+    saved = run_dir / "checkpoints" / "step_00000300"
+    assert config_lib.from_yaml((saved / "config.yaml").read_text()).run.steps == 300  # the config travels with it
+    assert (run_dir / "config.yaml").read_text() == (saved / "config.yaml").read_text()
+    assert checkpoints.read_meta(saved)["samples_seen"] == 300 * 32
 
     results = json.loads((run_dir / "eval.json").read_text())["digits"]
     assert results["samples"] == 360 and results["classes"] == 10

@@ -19,12 +19,22 @@ def test_forward_shapes_and_unit_norm():
     model = tiny_model()
     images = torch.randn(5, 3, 32, 32)  # (B, 3, H, W) at the preset's image size
     tokens = torch.randint(0, 49408, (5, 16))  # (B, context_length)
-    out = model({"image": images, "text": tokens, "label": torch.zeros(5)})
+    out, logit_scale, logit_bias = model({"image": images, "text": tokens, "label": torch.zeros(5)})
     assert set(out) == {"image", "text"}  # inputs without a tower are ignored
     for emb in out.values():
         assert emb.shape == (5, 32)
         torch.testing.assert_close(emb.norm(dim=-1), torch.ones(5))
-    assert model.scale().item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert logit_scale.shape == () and logit_scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+    assert logit_bias is None
+
+
+def test_logit_bias_and_scale_clamp():
+    model = MultiEncoder(ModelConfig(embed_dim=8, init_logit_scale=9.0, init_logit_bias=-10.0, towers={
+        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny"),
+        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")}))
+    _, logit_scale, logit_bias = model({})
+    assert logit_scale.item() == pytest.approx(100.0)  # clamped at CLIP's maximum, 100
+    assert logit_bias.item() == -10.0
 
 
 def test_options_override_the_preset():
@@ -48,7 +58,7 @@ def test_locked_tower_gets_no_gradient():
         "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", locked=True),
         "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
     }))
-    out = model({"image": torch.randn(2, 3, 32, 32), "text": torch.randint(0, 100, (2, 16))})
+    out, _, _ = model({"image": torch.randn(2, 3, 32, 32), "text": torch.randint(0, 100, (2, 16))})
     (out["image"] * out["text"]).sum().backward()
     assert all(p.grad is None for p in model.tower("image").parameters())
     assert any(p.grad is not None for p in model.tower("text").parameters())
@@ -82,5 +92,5 @@ def test_a_new_modality_is_added_by_registry_alone():
 
     model = MultiEncoder(ModelConfig(embed_dim=16, towers={
         "depth": TowerConfig(type=name), "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")}))
-    out = model({"depth": torch.randn(3, 3, 4, 4), "text": torch.randint(0, 100, (3, 16))})
+    out, _, _ = model({"depth": torch.randn(3, 3, 4, 4), "text": torch.randint(0, 100, (3, 16))})
     assert out["depth"].shape == (3, 16)

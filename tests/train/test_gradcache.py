@@ -9,6 +9,7 @@ from mmcl import config as config_lib
 from mmcl.config import LossConfig, ModelConfig, TowerConfig
 from mmcl.losses import build_loss
 from mmcl.models import MultiEncoder
+from mmcl.train.engine import TorchEngine
 from mmcl.train.gradcache import GradCache, plain_backward
 from mmcl.train.loop import train
 
@@ -33,6 +34,11 @@ def batch():
             "text": torch.randint(1, 49000, (BATCH, 16), generator=g)}
 
 
+def engine_for(model):
+    cfg = config_lib.load(None, tiny_overrides("unused.tar"))
+    return TorchEngine(model, cfg)
+
+
 def grads(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
@@ -40,7 +46,7 @@ def grads(model):
 def chunked_full_graph(model, loss_fn, inputs, chunk_sizes):
     """Reference: the same chunks, in the same order (so the same random draws), all kept in one graph."""
     embeddings = {m: torch.cat([model.encode(m, c) for c in inputs[m].split(chunk_sizes[m])]) for m in ("image", "text")}
-    out = loss_fn(embeddings, model.scale(), model.logit_bias)
+    out = loss_fn(embeddings, *model.similarity())
     out["loss"].backward()
     return out["loss"].detach()
 
@@ -58,13 +64,13 @@ LOSSES = [("infonce", None), ("infonce_tiled", None), ("siglip", -10.0), ("dcl",
 def test_equals_plain_full_batch_step_without_randomness(name, bias):
     loss_fn = build_loss(LossConfig(name=name, chunk_size=5))
     model = tiny_model(bias=bias)
-    plain = plain_backward(model, loss_fn, batch(), NO_AUTOCAST)["loss"]
+    plain = plain_backward(engine_for(model), loss_fn, batch(), NO_AUTOCAST)["loss"]
     expected = grads(model)
     model.zero_grad(set_to_none=True)
-    cached = GradCache({"image": 5, "text": 4})(model, loss_fn, batch(), NO_AUTOCAST)["loss"]
+    cached = GradCache({"image": 5, "text": 4})(engine_for(model), loss_fn, batch(), NO_AUTOCAST)["loss"]
     torch.testing.assert_close(cached, plain, rtol=1e-12, atol=0)
     assert_same_grads(grads(model), expected)
-    assert "logit_scale" in expected and (bias is None or "logit_bias" in expected)
+    assert "similarity.logit_scale" in expected and (bias is None or "similarity.logit_bias" in expected)
 
 
 @pytest.mark.parametrize("name, bias", LOSSES)
@@ -78,7 +84,7 @@ def test_equals_full_graph_with_random_masking_on(name, bias):
     expected, rng_after_reference = grads(model), torch.get_rng_state()
     model.zero_grad(set_to_none=True)
     torch.manual_seed(123)
-    cached = GradCache(chunks)(model, loss_fn, batch(), NO_AUTOCAST)["loss"]
+    cached = GradCache(chunks)(engine_for(model), loss_fn, batch(), NO_AUTOCAST)["loss"]
     torch.testing.assert_close(cached, reference_loss, rtol=1e-12, atol=0)
     assert_same_grads(grads(model), expected)
     assert torch.equal(torch.get_rng_state(), rng_after_reference)  # the run goes on as after one forward
@@ -86,7 +92,7 @@ def test_equals_full_graph_with_random_masking_on(name, bias):
     # The masking really is random: another draw gives other gradients, so the replay is what matched them.
     model.zero_grad(set_to_none=True)
     torch.manual_seed(321)
-    GradCache(chunks)(model, loss_fn, batch(), NO_AUTOCAST)
+    GradCache(chunks)(engine_for(model), loss_fn, batch(), NO_AUTOCAST)
     assert not torch.allclose(grads(model)["towers.image.encoder.conv1.weight"],
                               expected["towers.image.encoder.conv1.weight"])
 
