@@ -9,7 +9,7 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as collectives
 
 
 def is_distributed() -> bool:
@@ -32,7 +32,10 @@ def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
     """
     if not is_distributed():
         return local
-    return torch.cat(dist_fn.all_gather(local), dim=0)  # world x (B, ...) -> (world * B, ...)
+    # torch's functional all-gather (the replacement of torch.distributed.nn's) is differentiable;
+    # wait() turns its asynchronous result into a plain tensor.
+    gathered = collectives.all_gather_single(local.contiguous(), 0, dist.group.WORLD)  # (world * B, ...)
+    return collectives.wait_tensor(gathered) if isinstance(gathered, collectives.AsyncCollectiveTensor) else gathered
 
 
 class _RingShift(torch.autograd.Function):

@@ -8,6 +8,8 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
+# DeepSpeed compiles a small communication op on first use: keep it with the environment.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/$VENV/torch_extensions}"
 stamp="$VENV/.mmcl-installed-$(cat pyproject.toml | python -c 'import hashlib,sys; print(hashlib.sha1(sys.stdin.buffer.read()).hexdigest()[:12])')-${1:-base}"
 if [ ! -f "$stamp" ]; then
     python -m pip install --quiet --upgrade pip

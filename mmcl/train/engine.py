@@ -16,6 +16,7 @@ which one they hold:
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -30,12 +31,12 @@ TORCH_STATE_FILE = "engine.pt"
 
 
 class TorchEngine:
-    def __init__(self, model: MultiEncoder, cfg: Config) -> None:
+    def __init__(self, model: MultiEncoder, cfg: Config, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         if dist.world_size() > 1:
             raise ValueError("engine.backend=torch runs one process; use engine.backend=deepspeed "
                              "(engine.zero_stage=0 is plain data parallelism) for several")
         self.model = model
-        self.optimizer = build_optimizer(model, cfg.optim)
+        self.optimizer = optimizer or build_optimizer(model, cfg.optim)
         self.scheduler = build_schedule(self.optimizer, cfg.optim, cfg.run.steps)
         self.grad_clip = cfg.optim.grad_clip
 
@@ -74,12 +75,16 @@ class TorchEngine:
 class DeepSpeedEngine:
     TAG = "deepspeed"
 
-    def __init__(self, model: MultiEncoder, cfg: Config, micro_steps: int, device: torch.device) -> None:
+    def __init__(self, model: MultiEncoder, cfg: Config, micro_steps: int, device: torch.device,
+                 optimizer: Optional[torch.optim.Optimizer] = None) -> None:
         if device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # read by DeepSpeed at import
+        # DeepSpeed's ZeRO calls collectives that torch marks deprecated, once per bucket per step.
+        warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         import deepspeed
 
-        optimizer = build_optimizer(model, cfg.optim)
+        dist.init_from_env()  # DeepSpeed uses the launcher's process group; it must exist first
+        optimizer = optimizer or build_optimizer(model, cfg.optim)
         scheduler = build_schedule(optimizer, cfg.optim, cfg.run.steps)
         ds_config = {
             "train_micro_batch_size_per_gpu": cfg.data.batch_size,
@@ -93,6 +98,7 @@ class DeepSpeedEngine:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         self.deepspeed = deepspeed
+        self._grad_norm = float("nan")
 
     @property
     def model(self) -> MultiEncoder:
@@ -102,13 +108,21 @@ class DeepSpeedEngine:
         return self.engine(inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
+        boundary = self.engine.is_gradient_accumulation_boundary()
         # scale_wrt_gas=False: each micro-step's loss is already its exact share of the batch loss.
         self.engine.backward(loss, scale_wrt_gas=False)
+        if boundary and self.engine.get_global_grad_norm() is None:
+            # Without ZeRO, DeepSpeed clips but does not keep the norm: measure the averaged gradients
+            # before its step consumes them.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._grad_norm = torch.nn.utils.get_total_norm(grads).item()
         self.engine.step()  # a no-op until the last micro-step of the batch
 
     def step(self) -> Dict[str, float]:
         grad_norm = self.engine.get_global_grad_norm()
-        return {"grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        if grad_norm is None:
+            grad_norm = self._grad_norm
+        return {"grad_norm": float(grad_norm),
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan")}
 
     def save(self, directory: Path, client_state: Dict[str, Any]) -> None:

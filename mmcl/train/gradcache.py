@@ -48,8 +48,13 @@ class GradCache:
         self.chunk_sizes = dict(chunk_sizes)
 
     def micro_steps(self, modalities: List[str], batch_size: int) -> int:
-        """Backward calls per step: one per chunk of every tower."""
-        return sum(math.ceil(batch_size / self.chunk_sizes.get(m, batch_size)) for m in modalities)
+        """Backward calls per step: the first chunks of all towers together, then one per chunk."""
+        return 1 + sum(math.ceil(batch_size / self.chunk_sizes.get(m, batch_size)) - 1 for m in modalities)
+
+    @staticmethod
+    def plan(chunks: Mapping[str, tuple]) -> List[List[tuple]]:
+        """[(modality, chunk index), ...] per micro-step: all first chunks, then the rest one by one."""
+        return [[(m, 0) for m in chunks]] + [[(m, i)] for m in chunks for i in range(1, len(chunks[m]))]
 
     def __call__(self, engine: "Engine", loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
                  autocast: torch.autocast) -> Dict[str, torch.Tensor]:
@@ -78,21 +83,25 @@ class GradCache:
         wrt = [*leaves.values(), scale_leaf] + ([bias_leaf] if bias_leaf is not None else [])
         grads = dict(zip([*leaves, "scale", "bias"], torch.autograd.grad(out["loss"], wrt)))
 
-        # 3. Replay each chunk with a graph and push the cached gradient through it. The surrogate
+        # 3. Replay the chunks with a graph and push the cached gradient through them. The surrogate
         # <emb, g> has d/dparams = g^T d emb/dparams: the chain rule through the cached gradient.
-        first = True
-        for m in modalities:
-            for chunk, state, grad in zip(chunks[m], states[m], grads[m].split(len(chunks[m][0]))):
-                _set_rng_state(state)
+        # The first micro-step replays the first chunk of every tower (and carries the scale/bias
+        # term), so every parameter gets a gradient in it: ZeRO-3 overwrites its gradient buffers on
+        # a step's first micro-step and adds on later ones, so a parameter first reached later would
+        # add onto the previous step's gradient.
+        grad_chunks = {m: grads[m].split(len(chunks[m][0])) for m in modalities}
+        for number, micro_step in enumerate(self.plan(chunks)):
+            surrogate = 0.0
+            for m, index in micro_step:
+                _set_rng_state(states[m][index])
                 with autocast:
-                    embeddings, logit_scale, logit_bias = engine.forward({m: chunk})
-                surrogate = torch.sum(embeddings[m] * grad.to(embeddings[m].dtype))
-                if first:  # the scale and bias reach the loss directly: their term rides on one chunk
-                    surrogate = surrogate + logit_scale * grads["scale"]
-                    if logit_bias is not None:
-                        surrogate = surrogate + logit_bias * grads["bias"]
-                    first = False
-                engine.backward(surrogate)
+                    embeddings, logit_scale, logit_bias = engine.forward({m: chunks[m][index]})
+                surrogate = surrogate + torch.sum(embeddings[m] * grad_chunks[m][index].to(embeddings[m].dtype))
+            if number == 0:
+                surrogate = surrogate + logit_scale * grads["scale"]
+                if logit_bias is not None:
+                    surrogate = surrogate + logit_bias * grads["bias"]
+            engine.backward(surrogate)
         _set_rng_state(after_first_pass)  # the run continues exactly as after one forward pass
         return {name: value.detach() for name, value in out.items()}
 

@@ -1,0 +1,27 @@
+"""Run a function on N local CPU processes joined in one gloo group, as a launcher would (env://)."""
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world, port, fn, args):
+    # A forked child must not reuse the parent's OpenMP pool (it can hang); one thread each also keeps
+    # N processes from oversubscribing the cores.
+    torch.set_num_threads(1)
+    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    fn(rank, world, *args)
+
+
+def launch(fn, world: int, *args) -> None:
+    """fn(rank, world, *args) in `world` forked processes; raises if any of them fails."""
+    mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, start_method="fork")
