@@ -31,6 +31,7 @@ class RunConfig:
     keep_last: int = 2
     resume: str = ""  # "" (fresh run), "latest", or a checkpoint directory
     progress: bool = True
+    log_samples: bool = False  # write each step's sample keys to samples_rank<R>.jsonl (audit / debugging)
 
 
 @dataclass

@@ -82,6 +82,7 @@ def train(cfg: Config) -> Path:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
+    dist.barrier()  # the run directory exists for every process
     seed_everything(cfg.run.seed)  # identical initial weights on every process
     device = pick_device(cfg.engine.device)
 
@@ -103,13 +104,20 @@ def train(cfg: Config) -> Path:
                 "data_position": dist.all_gather_object(stream.position)}  # one (epoch, batches) per process
         return checkpoints.save(run_dir, step, engine, meta, config_yaml, cfg.run.keep_last)
 
+    # Records past the checkpoint belong to the interrupted future: drop them before appending anew.
+    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / f"samples_rank{dist.rank()}.jsonl"
+    if is_main:
+        truncate_log(metrics_path, step)
+    if cfg.run.log_samples:
+        truncate_log(samples_path, step)
     stop = StopRequest()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
     engine.model.train()
     progress = tqdm(total=cfg.run.steps, initial=step, desc="train", dynamic_ncols=True,
                     disable=not (cfg.run.progress and is_main))
     started, seen_at_start = time.perf_counter(), samples_seen
-    metrics_file = open(run_dir / "metrics.jsonl", "a" if resume_from is not None else "w") if is_main else None
+    metrics_file = open(metrics_path, "a") if is_main else None
+    samples_file = open(samples_path, "a") if cfg.run.log_samples else None
     stopping = False
     try:
         for batch in stream if step < cfg.run.steps else ():
@@ -119,6 +127,9 @@ def train(cfg: Config) -> Path:
             samples_seen += len(batch) * dist.world_size()
             samples_skipped += batch.skipped
             progress.update(1)
+            if samples_file:
+                samples_file.write(json.dumps({"step": step, "keys": batch.keys}) + "\n")
+                samples_file.flush()
             if metrics_file and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
                 rate = (samples_seen - seen_at_start) / max(time.perf_counter() - started, 1e-9)
                 record = {"step": step, "samples_seen": samples_seen, "samples_skipped": samples_skipped,
@@ -133,8 +144,9 @@ def train(cfg: Config) -> Path:
                 break
     finally:
         progress.close()
-        if metrics_file:
-            metrics_file.close()
+        for file in (metrics_file, samples_file):
+            if file:
+                file.close()
 
     if stopping:
         log.warning("stopped at step %d on request; resume with run.resume=latest", step)
@@ -151,6 +163,16 @@ def evaluation_model(cfg: Config, weights: Dict[str, torch.Tensor], device: torc
     model = MultiEncoder(cfg.model)
     model.load_state_dict(weights)
     return model.to(device).eval()
+
+
+def truncate_log(path: Path, last_step: int) -> None:
+    """Keep the JSONL records of steps up to `last_step` (all of them gone for a fresh run)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    tmp.replace(path)
 
 
 def evaluate(model: MultiEncoder, cfg: Config, out_path: Path, device: torch.device) -> Dict[str, Dict]:
