@@ -52,6 +52,7 @@ class TowerConfig:
     preset: str = ""  # an open_clip model config (or an mmcl preset) whose tower settings are the base
     options: Dict[str, Any] = field(default_factory=dict)  # overrides of the preset's tower settings
     locked: bool = False  # freeze the tower's parameters
+    grad_checkpointing: bool = False  # recompute the tower's activations in backward (less memory)
 
 
 @dataclass

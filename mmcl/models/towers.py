@@ -74,6 +74,7 @@ class OpenClipVisionTower(OpenClipTower):
         super().__init__()
         self.vision_cfg: CLIPVisionCfg = self.settings(cfg)
         self.encoder = _build_vision_tower(embed_dim, self.vision_cfg)
+        self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)  # (B, 3, H, W) -> (B, embed_dim)
@@ -102,6 +103,7 @@ class OpenClipTextTower(OpenClipTower):
         super().__init__()
         self.text_cfg: CLIPTextCfg = self.settings(cfg)
         self.encoder = _build_text_tower(embed_dim, self.text_cfg)
+        self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.encoder(tokens)  # (B, L) -> (B, embed_dim)

@@ -28,6 +28,7 @@ from mmcl.losses import build_loss
 from mmcl.models import MultiEncoder
 from mmcl.train.engine import build_engine
 from mmcl.train.gradcache import build_backward, micro_steps
+from mmcl.train.metrics_log import MetricsLog, truncate_log
 from mmcl.train.step import train_step
 
 log = logging.getLogger("mmcl.train")
@@ -104,10 +105,7 @@ def train(cfg: Config) -> Path:
                 "data_position": dist.all_gather_object(stream.position)}  # one (epoch, batches) per process
         return checkpoints.save(run_dir, step, engine, meta, config_yaml, cfg.run.keep_last)
 
-    # Records past the checkpoint belong to the interrupted future: drop them before appending anew.
-    metrics_path, samples_path = run_dir / "metrics.jsonl", run_dir / f"samples_rank{dist.rank()}.jsonl"
-    if is_main:
-        truncate_log(metrics_path, step)
+    samples_path = run_dir / f"samples_rank{dist.rank()}.jsonl"
     if cfg.run.log_samples:
         truncate_log(samples_path, step)
     stop = StopRequest()
@@ -116,7 +114,7 @@ def train(cfg: Config) -> Path:
     progress = tqdm(total=cfg.run.steps, initial=step, desc="train", dynamic_ncols=True,
                     disable=not (cfg.run.progress and is_main))
     started, seen_at_start = time.perf_counter(), samples_seen
-    metrics_file = open(metrics_path, "a") if is_main else None
+    metrics_log = MetricsLog(run_dir, step) if is_main else None
     samples_file = open(samples_path, "a") if cfg.run.log_samples else None
     stopping = False
     try:
@@ -130,12 +128,11 @@ def train(cfg: Config) -> Path:
             if samples_file:
                 samples_file.write(json.dumps({"step": step, "keys": batch.keys}) + "\n")
                 samples_file.flush()
-            if metrics_file and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
+            if metrics_log and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
                 rate = (samples_seen - seen_at_start) / max(time.perf_counter() - started, 1e-9)
                 record = {"step": step, "samples_seen": samples_seen, "samples_skipped": samples_skipped,
                           "epoch": stream.epoch, "samples_per_s": rate, **metrics}
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
+                metrics_log.write(record)
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", skipped=samples_skipped)
             stopping = dist.any_rank(stop.requested)
             if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stopping:
@@ -144,9 +141,10 @@ def train(cfg: Config) -> Path:
                 break
     finally:
         progress.close()
-        for file in (metrics_file, samples_file):
-            if file:
-                file.close()
+        if metrics_log:
+            metrics_log.close()
+        if samples_file:
+            samples_file.close()
 
     if stopping:
         log.warning("stopped at step %d on request; resume with run.resume=latest", step)
@@ -163,16 +161,6 @@ def evaluation_model(cfg: Config, weights: Dict[str, torch.Tensor], device: torc
     model = MultiEncoder(cfg.model)
     model.load_state_dict(weights)
     return model.to(device).eval()
-
-
-def truncate_log(path: Path, last_step: int) -> None:
-    """Keep the JSONL records of steps up to `last_step` (all of them gone for a fresh run)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    tmp.replace(path)
 
 
 def evaluate(model: MultiEncoder, cfg: Config, out_path: Path, device: torch.device) -> Dict[str, Dict]:

@@ -36,6 +36,9 @@ def test_train_resume_and_evaluate(tmp_path, digits_root):
     assert (run_dir / "config.yaml").read_text() == (saved / "config.yaml").read_text()
     assert checkpoints.read_meta(saved)["samples_seen"] == 300 * 32
 
+    assert (run_dir / "loss.png").stat().st_size > 0  # the loss-curve plot
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
     results = json.loads((run_dir / "eval.json").read_text())["digits"]
     assert results["samples"] == 360 and results["classes"] == 10
     assert 0 <= results["top1"] <= results["top5"] <= 1

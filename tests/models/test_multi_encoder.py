@@ -94,3 +94,22 @@ def test_a_new_modality_is_added_by_registry_alone():
         "depth": TowerConfig(type=name), "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")}))
     out, _, _ = model({"depth": torch.randn(3, 3, 4, 4), "text": torch.randint(0, 100, (3, 16))})
     assert out["depth"].shape == (3, 16)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    def grads(checkpointing):
+        torch.manual_seed(0)
+        towers = {m: TowerConfig(type=f"open_clip_{kind}", preset="mmcl-tiny", grad_checkpointing=checkpointing,
+                                 options={"patch_dropout": 0.3} if kind == "vision" else {})
+                  for m, kind in (("image", "vision"), ("text", "text"))}
+        model = MultiEncoder(ModelConfig(embed_dim=16, towers=towers))
+        g = torch.Generator().manual_seed(1)
+        torch.manual_seed(5)
+        out, scale, _ = model({"image": torch.randn(4, 3, 32, 32, generator=g), "text": torch.randint(0, 99, (4, 16), generator=g)})
+        (scale * out["image"] @ out["text"].T).logsumexp(1).sum().backward()
+        assert model.tower("image").encoder.transformer.grad_checkpointing is checkpointing
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = grads(False), grads(True)
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
