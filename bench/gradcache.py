@@ -3,8 +3,8 @@
 Each (mode, batch) runs in a fresh process: build the mmcl-tiny model, AdamW and a random batch, then
 one warm-up step and timed steps. Peak memory is what the steps add above the state before them:
 on CPU the resident-set high-water mark (reset through /proc/self/clear_refs), on CUDA
-max_memory_allocated. The loss is the tiled InfoNCE in both modes, so what is compared is activation
-memory, which the gradient cache bounds by the chunk size.
+max_memory_allocated. The loss is the tiled InfoNCE (256-row tiles) in both modes, so what is compared
+is activation memory, which the gradient cache bounds by the chunk size.
 
     python bench/gradcache.py                           # batches 128, 1024, 4096, chunk 128
     python bench/gradcache.py --device cuda --batches 1024 16384
@@ -30,27 +30,30 @@ def _status_kib(field: str) -> int:
 def measure(mode: str, batch: int, chunk: int, device: str, steps: int) -> dict:
     import torch
 
-    from mmcl.config import LossConfig, ModelConfig, OptimConfig, TowerConfig
+    from mmcl import config as config_lib
     from mmcl.losses import build_loss
     from mmcl.models import MultiEncoder
-    from mmcl.train.gradcache import build_backward
-    from mmcl.train.optim import build_optimizer, build_schedule
+    from mmcl.train.engine import build_engine
+    from mmcl.train.gradcache import build_backward, micro_steps
     from mmcl.train.step import train_step
 
+    cfg = config_lib.load(None, [
+        "data.train=unused.tar", f"data.batch_size={batch}", "model.embed_dim=128",
+        "model.towers.image.type=open_clip_vision", "model.towers.image.preset=mmcl-tiny",
+        "model.towers.text.type=open_clip_text", "model.towers.text.preset=mmcl-tiny",
+        "loss.name=infonce_tiled", "loss.chunk_size=256", "optim.warmup_steps=1",
+        *([f"engine.grad_cache.image={chunk}", f"engine.grad_cache.text={chunk}"] if mode == "gradcache" else [])])
     torch.manual_seed(0)
-    model = MultiEncoder(ModelConfig(embed_dim=128, towers={
-        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny"),
-        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")})).to(device)
-    loss_fn = build_loss(LossConfig(name="infonce_tiled", chunk_size=1024))
-    backward = build_backward({"image": chunk, "text": chunk} if mode == "gradcache" else {})
-    optimizer = build_optimizer(model, OptimConfig())
-    scheduler = build_schedule(optimizer, OptimConfig(warmup_steps=1), 100)
+    model = MultiEncoder(cfg.model).to(device)
+    loss_fn = build_loss(cfg.loss)
+    backward = build_backward(cfg.engine.grad_cache)
+    engine = build_engine(model, cfg, micro_steps(backward, model.modalities, batch), torch.device(device))
     inputs = {"image": torch.randn(batch, 3, 32, 32, device=device),
               "text": torch.randint(1, 49000, (batch, 16), device=device)}
     autocast = torch.autocast(device, enabled=False)
 
     def step():
-        train_step(model, loss_fn, backward, optimizer, scheduler, inputs, 0.0, autocast)
+        train_step(engine, loss_fn, backward, inputs, autocast)
         if device == "cuda":
             torch.cuda.synchronize()
 

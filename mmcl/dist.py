@@ -6,6 +6,7 @@ Every helper is the identity on a single process, so losses run unchanged with o
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 import torch.distributed as dist
@@ -64,13 +65,23 @@ def ring_shift_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _RingShift.apply(tensor) if is_distributed() else tensor
 
 
-def init_from_env() -> None:
+def init_from_env(lone_group: bool = False) -> None:
     """Join the process group a launcher (torchrun, deepspeed, srun) describes in the environment.
 
-    gloo on CPU, NCCL with CUDA; nothing when launched as a single process.
+    gloo on CPU, NCCL with CUDA. A process started alone joins nothing, unless `lone_group` asks for a
+    group of one (DeepSpeed needs a group even then).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+    if dist.is_initialized():
         return
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if not lone_group:
+            return
+        with socket.socket() as probe:  # a free local port for the group's rendezvous
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
+                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+            os.environ.setdefault(name, value)
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(local_rank())

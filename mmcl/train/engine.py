@@ -83,7 +83,7 @@ class DeepSpeedEngine:
         warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         import deepspeed
 
-        dist.init_from_env()  # DeepSpeed uses the launcher's process group; it must exist first
+        dist.init_from_env(lone_group=True)  # DeepSpeed uses the launcher's process group; it must exist first
         optimizer = optimizer or build_optimizer(model, cfg.optim)
         scheduler = build_schedule(optimizer, cfg.optim, cfg.run.steps)
         ds_config = {
@@ -99,12 +99,16 @@ class DeepSpeedEngine:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False)
         self.deepspeed = deepspeed
         self._grad_norm = float("nan")
+        self.dtype = torch.bfloat16 if cfg.engine.precision == "bf16" else torch.float32
 
     @property
     def model(self) -> MultiEncoder:
         return self.engine.module
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
+        # With bf16, DeepSpeed holds the weights in bf16 (fp32 master copies in the optimiser):
+        # floating-point inputs must match them. Token ids stay integers.
+        inputs = {m: x.to(self.dtype) if x.is_floating_point() else x for m, x in inputs.items()}
         return self.engine(inputs)
 
     def backward(self, loss: torch.Tensor) -> None:

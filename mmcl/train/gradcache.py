@@ -12,7 +12,7 @@ The parameter gradients are those of the full-batch loss; memory holds one chunk
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping
+from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
 
 import torch
 
@@ -23,10 +23,22 @@ LossFn = Callable[..., Dict[str, torch.Tensor]]
 Backward = Callable[["Engine", LossFn, Mapping[str, torch.Tensor], torch.autocast], Dict[str, torch.Tensor]]
 
 
+def _wide(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
+
+
+def float32(embeddings: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
+            logit_bias: Optional[torch.Tensor]) -> tuple:
+    """The loss runs in float32 (or wider): logits reach 100, where bf16 keeps barely two decimal digits."""
+    return ({m: _wide(e) for m, e in embeddings.items()}, _wide(logit_scale),
+            None if logit_bias is None else _wide(logit_bias))
+
+
 def plain_backward(engine: "Engine", loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
                    autocast: torch.autocast) -> Dict[str, torch.Tensor]:
     with autocast:
-        out = loss_fn(*engine.forward(inputs))
+        encoded = engine.forward(inputs)
+    out = loss_fn(*float32(*encoded))
     engine.backward(out["loss"])
     return {name: value.detach() for name, value in out.items()}
 
@@ -75,11 +87,11 @@ class GradCache:
         after_first_pass = _rng_state()
 
         # 2. The loss on the whole batch, and its gradient w.r.t. the cached embeddings, scale and bias.
+        cached, logit_scale, logit_bias = float32(cached, logit_scale, logit_bias)
         leaves = {m: emb.detach().requires_grad_(True) for m, emb in cached.items()}
         scale_leaf = logit_scale.detach().requires_grad_(True)
         bias_leaf = None if logit_bias is None else logit_bias.detach().requires_grad_(True)
-        with autocast:
-            out = loss_fn(leaves, scale_leaf, bias_leaf)
+        out = loss_fn(leaves, scale_leaf, bias_leaf)
         wrt = [*leaves.values(), scale_leaf] + ([bias_leaf] if bias_leaf is not None else [])
         grads = dict(zip([*leaves, "scale", "bias"], torch.autograd.grad(out["loss"], wrt)))
 
