@@ -33,13 +33,17 @@ def _prep(args: argparse.Namespace) -> None:
         print(f"train shards: {brace_pattern(args.out, int(stats['shards']))}")
 
 
-def _train(args: argparse.Namespace) -> None:
+STOPPED = 3  # exit status of a run stopped on SIGTERM/SIGUSR1 after checkpointing (schedulers requeue it)
+
+
+def _train(args: argparse.Namespace) -> int:
     from mmcl import config as config_lib
     from mmcl.train.loop import train
 
     cfg = config_lib.load(args.config, args.overrides)
-    run_dir = train(cfg)
-    print(f"run directory: {run_dir}")
+    result = train(cfg)
+    print(f"run directory: {result.run_dir}")
+    return STOPPED if result.stopped else 0
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -103,11 +107,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "prep" and args.source != "digits" and not args.input:
         parser().error(f"prep {args.source} needs an input path")
     try:
-        args.run(args)
+        return args.run(args) or 0
     except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
         print(f"mmcl {args.command}: error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -45,6 +45,16 @@ def _sample_fields(shard: str) -> set:
     return {n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == first}
 
 
+def check_dataset(root: str | Path) -> None:
+    """Fail early, naming what is missing, when `root` is not a dataset in the layout above."""
+    root = Path(root)
+    for required in ("classnames.txt", TEMPLATES_FILE):
+        if not (root / required).is_file():
+            raise FileNotFoundError(f"evaluation dataset {root}: no {required}")
+    if not any((root / "test").glob("*.tar")):
+        raise FileNotFoundError(f"evaluation dataset {root}: no shards in {root / 'test'}")
+
+
 @torch.no_grad()
 def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, device: torch.device,
                      recall_k: Sequence[int], image_fields: Sequence[str] = ("jpg", "jpeg", "png", "webp"),

@@ -11,6 +11,7 @@ import logging
 import random
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
 
@@ -23,7 +24,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.config import Config
 from mmcl.data import InputSpec, TrainStream
 from mmcl.eval.report import format_table, write_json
-from mmcl.eval.zeroshot import evaluate_dataset
+from mmcl.eval.zeroshot import check_dataset, evaluate_dataset
 from mmcl.losses import build_loss
 from mmcl.models import MultiEncoder
 from mmcl.train.engine import build_engine
@@ -70,8 +71,15 @@ class StopRequest:
         self.requested = True
 
 
-def train(cfg: Config) -> Path:
-    """Train as configured; returns the run directory (config.yaml, metrics.jsonl, checkpoints/, eval.json)."""
+@dataclass
+class RunResult:
+    run_dir: Path  # config.yaml, metrics.jsonl, tensorboard/, loss.png, checkpoints/, eval.json
+    step: int
+    stopped: bool  # stopped early on SIGTERM/SIGUSR1, after checkpointing: resume with run.resume=latest
+
+
+def train(cfg: Config) -> RunResult:
+    """Train as configured, until run.steps or a stop signal."""
     dist.init_from_env()
     is_main = dist.rank() == 0
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
@@ -79,6 +87,8 @@ def train(cfg: Config) -> Path:
     if resume_from is None and checkpoints.latest(run_dir) is not None:
         raise FileExistsError(f"run directory {run_dir} already holds checkpoints: pass run.resume=latest "
                               "to continue it, or choose another run.name")
+    for root in cfg.eval.datasets:  # a missing evaluation set should stop the run now, not after training
+        check_dataset(root)
     config_yaml = config_lib.to_yaml(cfg)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -153,7 +163,7 @@ def train(cfg: Config) -> Path:
         if is_main:
             evaluate(evaluation_model(cfg, weights, device), cfg, run_dir / "eval.json", device)
     dist.barrier()
-    return run_dir
+    return RunResult(run_dir, step, stopping)
 
 
 def evaluation_model(cfg: Config, weights: Dict[str, torch.Tensor], device: torch.device) -> MultiEncoder:

@@ -102,7 +102,7 @@ def test_training_with_grad_cache_follows_the_plain_loss_curve(tmp_path, digits_
         overrides = tiny_overrides(f"{digits_root}/train/{{000000..000005}}.tar", **{
             "run.output_dir": tmp_path, "run.name": name, "run.steps": 8, "run.checkpoint_every": 100,
             "optim.warmup_steps": 2, "optim.lr": 1e-3, "data.batch_size": 24, **extra})
-        run_dir = train(config_lib.load(None, overrides))
+        run_dir = train(config_lib.load(None, overrides)).run_dir
         return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
     plain = run("plain", {})
