@@ -13,10 +13,9 @@ is activation memory, which the gradient cache bounds by the chunk size.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import time
+
+from isolated import run_isolated
 
 
 def _status_kib(field: str) -> int:
@@ -73,15 +72,6 @@ def measure(mode: str, batch: int, chunk: int, device: str, steps: int) -> dict:
     return {"peak_bytes": peak, "seconds_per_step": (time.perf_counter() - start) / steps}
 
 
-def run_isolated(mode: str, batch: int, chunk: int, device: str, steps: int) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {sys.path[0]!r}); from gradcache import measure; "
-            f"print(json.dumps(measure({mode!r}, {batch}, {chunk}, {device!r}, {steps})))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"error": (result.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1][:100]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[128, 1024, 4096])
@@ -91,7 +81,7 @@ def main() -> None:
     args = parser.parse_args()
 
     mib = 2 ** 20
-    rows = {(mode, b): run_isolated(mode, b, args.chunk, args.device, args.steps)
+    rows = {(mode, b): run_isolated('gradcache', mode, b, args.chunk, args.device, args.steps)
             for b in args.batches for mode in ("plain", "gradcache")}
     base = rows[("gradcache", args.batches[0])].get("peak_bytes")
     print(f"device={args.device} model=mmcl-tiny chunk={args.chunk} loss=infonce_tiled")

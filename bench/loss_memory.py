@@ -11,11 +11,10 @@ inputs. Prints a table with the ratios tiled / open_clip.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
-import sys
 import time
+
+from isolated import run_isolated
 
 
 def measure(impl: str, batch: int, dim: int, device: str, chunk: int) -> dict:
@@ -49,15 +48,6 @@ def measure(impl: str, batch: int, dim: int, device: str, chunk: int) -> dict:
     return {"seconds": time.perf_counter() - start, "peak_bytes": peak}
 
 
-def run_isolated(impl: str, batch: int, dim: int, device: str, chunk: int) -> dict:
-    code = (f"import json, sys; sys.path.insert(0, {sys.path[0]!r}); from loss_memory import measure; "
-            f"print(json.dumps(measure({impl!r}, {batch}, {dim}, {device!r}, {chunk})))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    if result.returncode != 0:
-        return {"error": (result.stderr.strip().splitlines() or ["killed (out of memory?)"])[-1][:80]}
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[4096, 16384, 32768])
@@ -70,8 +60,8 @@ def main() -> None:
     print(f"device={args.device} dim={args.dim} chunk={args.chunk}  (peak = memory above the inputs)")
     print(f"{'batch':>6}  {'open_clip GiB':>13}  {'tiled GiB':>9}  {'mem ratio':>9}  {'open_clip s':>11}  {'tiled s':>7}  {'time ratio':>10}")
     for batch in args.batches:
-        inputs = run_isolated("inputs", batch, args.dim, args.device, args.chunk) if args.device == "cpu" else {"peak_bytes": 0}
-        rows = {impl: run_isolated(impl, batch, args.dim, args.device, args.chunk) for impl in ("open_clip", "tiled")}
+        inputs = run_isolated('loss_memory', "inputs", batch, args.dim, args.device, args.chunk) if args.device == "cpu" else {"peak_bytes": 0}
+        rows = {impl: run_isolated('loss_memory', impl, batch, args.dim, args.device, args.chunk) for impl in ("open_clip", "tiled")}
         cells = {}
         for impl, row in rows.items():
             if "error" in row:

@@ -53,12 +53,7 @@ def _eval(args: argparse.Namespace) -> None:
     from mmcl.checkpoint import state as checkpoints
     from mmcl.train.loop import evaluate, evaluation_model, pick_device
 
-    path = Path(args.checkpoint)
-    if (path / "checkpoints").exists():  # a run directory: its latest checkpoint
-        latest = checkpoints.latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"no complete checkpoint in {path}")
-        path = latest
+    path = _checkpoint_dir(Path(args.checkpoint))
     cfg = config_lib.from_yaml((path / "config.yaml").read_text())
     if args.datasets:
         cfg.eval.datasets = args.datasets
@@ -69,6 +64,36 @@ def _eval(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else path / "eval.json"
     with torch.no_grad():
         evaluate(model, cfg, out, device)
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    """A checkpoint directory, or a run directory's latest checkpoint."""
+    from mmcl.checkpoint import state as checkpoints
+
+    if (path / "checkpoints").exists():
+        latest = checkpoints.latest(path)
+        if latest is None:
+            raise FileNotFoundError(f"no complete checkpoint in {path}")
+        return latest
+    return path
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from mmcl import config as config_lib
+    from mmcl.checkpoint import convert
+    from mmcl.checkpoint import state as checkpoints
+
+    path = _checkpoint_dir(Path(args.checkpoint))
+    if args.target == "zero-fp32":
+        out = convert.consolidate_zero(path, Path(args.out))
+        print(f"consolidated fp32 weights: {out}")
+        return
+    cfg = config_lib.from_yaml((path / "config.yaml").read_text())
+    name = args.name or cfg.run.name
+    config_path, weights = convert.export_open_clip(checkpoints.load_weights(path), cfg, Path(args.out), name)
+    print(f"open_clip model config {config_path} and weights {weights}; load with:\n"
+          f"  open_clip.add_model_config({str(config_path.parent)!r})\n"
+          f"  open_clip.create_model({name!r}, pretrained={str(weights)!r})")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -98,6 +123,12 @@ def parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--datasets", nargs="*", default=None)
     evaluate.add_argument("--out", default="")
     evaluate.set_defaults(run=_eval)
+    convert = commands.add_parser("convert", help="export a checkpoint to open_clip, or consolidate ZeRO shards")
+    convert.add_argument("target", choices=["open-clip", "zero-fp32"])
+    convert.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
+    convert.add_argument("--out", required=True, help="open-clip: output directory; zero-fp32: output file")
+    convert.add_argument("--name", default="", help="open-clip: model config name (default: the run's name)")
+    convert.set_defaults(run=_convert)
     return root
 
 
@@ -106,9 +137,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "prep" and args.source != "digits" and not args.input:
         parser().error(f"prep {args.source} needs an input path")
+    from mmcl.checkpoint.state import CheckpointError
+    from mmcl.train.loop import TrainingHalted
+
     try:
         return args.run(args) or 0
-    except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError) as error:
+    except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError, CheckpointError,
+            TrainingHalted) as error:
         print(f"mmcl {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -40,6 +40,7 @@ class DataConfig:
     batch_size: int = 64
     workers: int = 2
     shuffle_buffer: int = 1000
+    max_skipped_fraction: float = 0.1  # stop when more than this share of the samples read is unreadable
     # modality -> shard fields holding it, ";"-separated alternatives in order of preference
     fields: Dict[str, str] = field(
         default_factory=lambda: {"image": "jpg;jpeg;png;webp", "text": "txt"}
@@ -91,6 +92,7 @@ class OptimConfig:
     schedule: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/Inf loss or gradient
 
 
 @dataclass

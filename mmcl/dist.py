@@ -113,12 +113,3 @@ def all_gather_object(obj: object) -> list:
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
-
-
-def broadcast_object(obj: object) -> object:
-    """Rank 0's value of a small picklable object, on every process."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]

@@ -53,34 +53,57 @@ def _restore_rng(states: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written; the previous one is untouched and still the latest."""
+
+
 def save(run_dir: Path, step: int, engine: "Engine", meta: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
     """Collective: every process calls it with the same step; returns the checkpoint directory."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
     if dist.rank() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for stale in root.glob(".tmp_step_*"):  # left by a crash mid-save
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    engine.save(tmp, {"step": step})
-    torch.save(_rng_states(), tmp / f"rng_{dist.rank()}.pt")
-    weights = engine.model_state()  # collective under ZeRO-3 (gathers the shards)
-    dist.barrier()
+    try:
+        engine.save(tmp, {"step": step})
+        torch.save(_rng_states(), tmp / f"rng_{dist.rank()}.pt")
+        weights = engine.model_state()  # collective under ZeRO-3 (gathers the shards)
+        dist.barrier()
+        if dist.rank() == 0:
+            save_file(weights, tmp / WEIGHTS_FILE)
+            (tmp / "config.yaml").write_text(config_yaml)
+            (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(), **meta}) + "\n")
+            _fsync_tree(tmp)
+    except (OSError, RuntimeError) as error:  # a full disk, a quota, a lost mount (torch.save reports
+        # a failed write as RuntimeError): remove the partial directory, keep what was there
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
+        raise CheckpointError(f"could not write the checkpoint of step {step} ({reason}); "
+                              f"the latest checkpoint is still {latest(run_dir) or 'none'}") from error
     if dist.rank() == 0:
-        save_file(weights, tmp / WEIGHTS_FILE)
-        (tmp / "config.yaml").write_text(config_yaml)
-        (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(), **meta}) + "\n")
-        _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. a stop signal right after a periodic save)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        latest_tmp = root / f".{LATEST_FILE}.tmp"
-        latest_tmp.write_text(final.name + "\n")
-        os.replace(latest_tmp, root / LATEST_FILE)
-        _fsync_dir(root)
+        _publish(root, tmp, final)
         _prune(root, keep_last)
     dist.barrier()
     return final
+
+
+def _publish(root: Path, tmp: Path, final: Path) -> None:
+    """Rename the finished checkpoint into place, then point `latest` at it (each step atomic)."""
+    if final.exists():
+        if latest(root.parent) == final:
+            # The same step again (a stop signal right after a periodic save): the state is the same,
+            # and replacing the directory `latest` names would open a window with no checkpoint.
+            shutil.rmtree(tmp)
+            return
+        shutil.rmtree(final)  # left by a crash between its rename and the `latest` update
+    os.rename(tmp, final)
+    latest_tmp = root / f".{LATEST_FILE}.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / LATEST_FILE)
+    _fsync_dir(root)
 
 
 def _fsync_tree(path: Path) -> None:

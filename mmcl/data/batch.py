@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List
 
 import torch
@@ -13,7 +13,6 @@ class Batch:
     inputs: Dict[str, torch.Tensor]  # modality -> stacked tensor, first dim = batch
     keys: List[str]  # "<shard url>#<sample key>", in batch order
     skipped: int = 0  # samples dropped as unreadable by this worker since its previous batch
-    meta: Dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -15,6 +15,7 @@ which one they hold:
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -51,10 +52,12 @@ class TorchEngine:
         # max_norm=inf measures the norm without clipping, so it is logged either way.
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        finite = bool(torch.isfinite(grad_norm))
+        if finite:  # a NaN/Inf gradient would poison every weight it touches: skip the update
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm.item(), "lr": lr}
+        return {"grad_norm": grad_norm.item(), "lr": lr, "nonfinite": float(not finite)}
 
     def save(self, directory: Path, client_state: Dict[str, Any]) -> None:
         state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
@@ -126,7 +129,9 @@ class DeepSpeedEngine:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
-        return {"grad_norm": float(grad_norm),
+        # DeepSpeed applies its own overflow handling (bf16/fp16); fp32 updates are not skipped here,
+        # but the loop still counts the step and stops a run that keeps producing them.
+        return {"grad_norm": float(grad_norm), "nonfinite": float(not math.isfinite(float(grad_norm))),
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan")}
 
     def save(self, directory: Path, client_state: Dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -56,6 +57,11 @@ def stream_inputs(model: MultiEncoder, fields: Dict[str, str]) -> Dict[str, Inpu
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
+
+
+class TrainingHalted(RuntimeError):
+    """The run cannot go on usefully (too much bad data, or no finite gradients); the last periodic
+    checkpoint stays the latest."""
 
 
 class StopRequest:
@@ -126,7 +132,7 @@ def train(cfg: Config) -> RunResult:
     started, seen_at_start = time.perf_counter(), samples_seen
     metrics_log = MetricsLog(run_dir, step) if is_main else None
     samples_file = open(samples_path, "a") if cfg.run.log_samples else None
-    stopping = False
+    stopping, nonfinite_in_a_row, nonfinite_steps = False, 0, 0
     try:
         for batch in stream if step < cfg.run.steps else ():
             inputs = {m: x.to(device, non_blocking=True) for m, x in batch.inputs.items()}
@@ -134,6 +140,11 @@ def train(cfg: Config) -> RunResult:
             step += 1
             samples_seen += len(batch) * dist.world_size()
             samples_skipped += batch.skipped
+            bad = metrics.get("nonfinite", 0.0) > 0 or not math.isfinite(metrics["loss"])
+            nonfinite_in_a_row = nonfinite_in_a_row + 1 if bad else 0
+            nonfinite_steps += bad
+            metrics["nonfinite_steps"] = nonfinite_steps
+            check_health(cfg, nonfinite_in_a_row, samples_skipped, samples_seen // dist.world_size())
             progress.update(1)
             if samples_file:
                 samples_file.write(json.dumps({"step": step, "keys": batch.keys}) + "\n")
@@ -141,9 +152,11 @@ def train(cfg: Config) -> RunResult:
             if metrics_log and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
                 rate = (samples_seen - seen_at_start) / max(time.perf_counter() - started, 1e-9)
                 record = {"step": step, "samples_seen": samples_seen, "samples_skipped": samples_skipped,
-                          "epoch": stream.epoch, "samples_per_s": rate, **metrics}
+                          "epoch": stream.epoch, "samples_per_s": rate,
+                          "samples_per_s_per_device": rate / dist.world_size(), **metrics}
                 metrics_log.write(record)
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}", skipped=samples_skipped)
+                progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
+                                     samples_s=f"{rate:.0f}", skipped=samples_skipped)
             stopping = dist.any_rank(stop.requested)
             if step % cfg.run.checkpoint_every == 0 or step == cfg.run.steps or stopping:
                 save()
@@ -164,6 +177,18 @@ def train(cfg: Config) -> RunResult:
             evaluate(evaluation_model(cfg, weights, device), cfg, run_dir / "eval.json", device)
     dist.barrier()
     return RunResult(run_dir, step, stopping)
+
+
+def check_health(cfg: Config, nonfinite_in_a_row: int, skipped: int, seen: int) -> None:
+    """Stop with a clear message when the run has stopped making sense (this process's counts)."""
+    if nonfinite_in_a_row >= cfg.optim.max_nonfinite_steps:
+        raise TrainingHalted(f"{nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient "
+                             f"(optim.max_nonfinite_steps={cfg.optim.max_nonfinite_steps}); lower optim.lr, "
+                             "set optim.grad_clip, or check the data")
+    if skipped > cfg.data.max_skipped_fraction * (skipped + seen) and skipped + seen >= 100:
+        raise TrainingHalted(f"{skipped} of the {skipped + seen} samples read were unreadable, more than "
+                             f"data.max_skipped_fraction={cfg.data.max_skipped_fraction}; see the warnings "
+                             "naming each shard and key")
 
 
 def evaluation_model(cfg: Config, weights: Dict[str, torch.Tensor], device: torch.device) -> MultiEncoder:

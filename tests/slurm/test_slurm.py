@@ -41,11 +41,11 @@ def records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_two_node_training_then_dependent_evaluation(cluster, digits_root, tmp_path):
+def test_two_node_training_then_dependent_evaluation_and_export(cluster, digits_root, tmp_path):
     submitted = cluster.run(str(REPO / "slurm" / "submit.sh"), "cpu", "twonode", str(REPO / "configs/digits.yaml"),
                             *overrides(digits_root, "twonode", 6), f"eval.datasets=[{digits_root}]",
                             cwd=tmp_path, extra_env=job_env())
-    train_job, eval_job = [word for word in submitted.replace(",", "").split() if word.isdigit()]
+    train_job, eval_job, export_job = [word for word in submitted.replace(",", "").split() if word.isdigit()]
     info = cluster.wait_for_state(train_job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300)
     log = (tmp_path / "logs" / f"mmcl-train-cpu-{train_job}.out").read_text()
     assert info["JobState"] == "COMPLETED", log
@@ -61,6 +61,10 @@ def test_two_node_training_then_dependent_evaluation(cluster, digits_root, tmp_p
     assert info["JobState"] == "COMPLETED", (tmp_path / "logs" / f"mmcl-eval-{eval_job}.out").read_text()
     result = json.loads((checkpoints.latest(run_dir) / "eval.json").read_text())
     assert result["digits"]["samples"] == 360
+
+    info = cluster.wait_for_state(export_job, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
+    assert info["JobState"] == "COMPLETED", (tmp_path / "logs" / f"mmcl-convert-{export_job}.out").read_text()
+    assert (tmp_path / "exports" / "twonode" / "twonode.safetensors").exists()
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes(cluster, digits_root, tmp_path):

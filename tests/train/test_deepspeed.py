@@ -17,7 +17,7 @@ from conftest import tiny_overrides
 from launch import launch
 from test_gradcache import NO_AUTOCAST, tiny_model
 
-STEPS = 12
+STEPS = 20
 
 
 def train_worker(rank, world, overrides):

@@ -1,0 +1,107 @@
+"""Checkpoint conversion as data: declarative key tables between mmcl and other layouts.
+
+open_clip's CLIP keeps the vision tower under `visual.` and the text tower's parts at the top level;
+mmcl's image/text towers wrap exactly those modules, so the mapping is a table of prefixes plus the
+logit scale/bias, which open_clip stores as 0-dim tensors and mmcl as (1,).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import torch
+from safetensors.torch import save_file
+
+from mmcl.config import Config, ConfigError
+
+# (mmcl prefix, open_clip prefix): a key starting with the left prefix maps to the right one.
+OPEN_CLIP_PREFIXES: List[Tuple[str, str]] = [
+    ("towers.image.encoder.", "visual."),
+    ("towers.text.encoder.", ""),
+    ("similarity.logit_scale", "logit_scale"),
+    ("similarity.logit_bias", "logit_bias"),
+]
+OPEN_CLIP_TOWERS = {"image": "open_clip_vision", "text": "open_clip_text"}
+SCALARS = {"logit_scale", "logit_bias"}  # 0-dim in open_clip
+
+
+def check_open_clip_compatible(cfg: Config) -> None:
+    towers = {m: t.type for m, t in cfg.model.towers.items()}
+    if towers != OPEN_CLIP_TOWERS:
+        raise ConfigError(f"open_clip's CLIP holds exactly an open_clip image and text tower; this model has "
+                          f"{towers}: the parts {sorted(set(towers.items()) ^ set(OPEN_CLIP_TOWERS.items()))} "
+                          "cannot be expressed")
+
+
+def _rename(key: str, table: List[Tuple[str, str]]) -> str:
+    for source, target in table:
+        if key.startswith(source):
+            return target + key[len(source):]
+    raise KeyError(f"no mapping for parameter {key!r}")
+
+
+def to_open_clip_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        name = _rename(key, OPEN_CLIP_PREFIXES)
+        out[name] = value.reshape(()) if name in SCALARS else value
+    return out
+
+
+def from_open_clip_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    reverse = sorted(((target, source) for source, target in OPEN_CLIP_PREFIXES), key=lambda p: -len(p[0]))
+    out = {}
+    for key, value in state.items():
+        if key == "attn_mask":  # a buffer open_clip may save; mmcl rebuilds it
+            continue
+        name = _rename(key, reverse)
+        out[name] = value.reshape(1) if key in SCALARS else value
+    return out
+
+
+def open_clip_model_config(cfg: Config) -> Dict[str, object]:
+    """The open_clip model config (what its JSON model configs hold) of an mmcl image-text model."""
+    from mmcl.models.towers import OpenClipTextTower, OpenClipVisionTower
+
+    check_open_clip_compatible(cfg)
+    def settings(tower_class, modality: str) -> Dict[str, object]:
+        # Unset (None) settings are left out: open_clip fills its own defaults for them.
+        values = dataclasses.asdict(tower_class.settings(cfg.model.towers[modality]))
+        return {k: v for k, v in values.items() if v is not None}
+
+    model_cfg: Dict[str, object] = {
+        "embed_dim": cfg.model.embed_dim,
+        "vision_cfg": settings(OpenClipVisionTower, "image"),
+        "text_cfg": settings(OpenClipTextTower, "text"),
+    }
+    if cfg.model.init_logit_bias is not None:
+        model_cfg["init_logit_bias"] = cfg.model.init_logit_bias
+    return model_cfg
+
+
+def export_open_clip(state: Dict[str, torch.Tensor], cfg: Config, out_dir: Path, name: str) -> Tuple[Path, Path]:
+    """Writes <name>.json (an open_clip model config) and <name>.safetensors into out_dir.
+
+    Load with: open_clip.add_model_config(out_dir); open_clip.create_model(name, pretrained=weights).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config_path, weights_path = out_dir / f"{name}.json", out_dir / f"{name}.safetensors"
+    config_path.write_text(json.dumps(open_clip_model_config(cfg), indent=2) + "\n")
+    save_file({k: v.contiguous() for k, v in to_open_clip_state(state).items()}, weights_path)
+    return config_path, weights_path
+
+
+def consolidate_zero(checkpoint: Path, out_file: Path) -> Path:
+    """One fp32 safetensors file from DeepSpeed's sharded ZeRO state (any stage, any world size),
+    by DeepSpeed's own consolidation."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from mmcl.train.engine import DeepSpeedEngine
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DeepSpeedEngine.TAG)
+    save_file({k: v.float().contiguous() for k, v in state.items()}, out_file)
+    return Path(out_file)

@@ -1,0 +1,173 @@
+"""Bad data, broken numerics, crashes and full disks: skipped and counted, or stopped with a clear
+message, and never a lost or half-written checkpoint."""
+
+import io
+import math
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from data_prep.writer import ShardSetWriter
+from mmcl import config as config_lib
+from mmcl.checkpoint import state as checkpoints
+from mmcl.cli import main
+from mmcl.data import InputSpec, build_eval_loader
+from mmcl.data.decode import SampleError, decode_image
+from mmcl.models import MultiEncoder
+from mmcl.train.engine import TorchEngine
+from mmcl.train.loop import TrainingHalted, check_health
+
+from conftest import tiny_overrides
+
+REPO = Path(__file__).parents[2]
+
+
+def tiny_config(**extra):
+    return config_lib.load(None, tiny_overrides("unused.tar", **extra))
+
+
+def test_decompression_bomb_is_refused_without_decoding():
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")  # 100 Mpixel, a few kB on disk
+    with pytest.raises(SampleError, match="unreadable image"):
+        decode_image(buffer.getvalue())
+
+
+def test_bomb_and_garbage_in_a_shard_are_skipped(tmp_path, digit_pngs):
+    buffer = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(buffer, format="PNG")
+    with ShardSetWriter(tmp_path, 100) as writer:
+        writer.write({"__key__": "bomb", "png": buffer.getvalue(), "txt": "x"})
+        for i, (png, _) in enumerate(digit_pngs[:3]):
+            writer.write({"__key__": f"ok{i}", "png": png, "txt": "a digit"})
+    inputs = {"image": InputSpec("image", ["png"], lambda im: torch.tensor(im.size))}
+    batches = list(build_eval_loader(str(tmp_path / "000000.tar"), inputs, batch_size=10))
+    assert [k.split("#")[1] for k in batches[0].keys] == ["ok0", "ok1", "ok2"] and batches[0].skipped == 1
+
+
+def test_too_much_bad_data_stops_the_run_with_a_clear_message(tmp_path, digit_pngs, capsys):
+    with ShardSetWriter(tmp_path / "shards", 1000) as writer:
+        for i in range(400):
+            png = digit_pngs[i % 40][0] if i % 3 == 0 else b"\x89PNG garbage"
+            writer.write({"__key__": f"s{i}", "png": png, "txt": "a digit"})
+    overrides = tiny_overrides(str(tmp_path / "shards" / "000000.tar"), **{
+        "run.output_dir": tmp_path / "runs", "run.steps": 50, "data.batch_size": 8, "data.max_skipped_fraction": 0.2})
+    assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 2
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "data.max_skipped_fraction=0.2" in err
+
+
+def test_health_check_names_the_budget():
+    cfg = tiny_config(**{"optim.max_nonfinite_steps": 3, "data.max_skipped_fraction": 0.1})
+    check_health(cfg, nonfinite_in_a_row=2, skipped=5, seen=100)  # within both budgets
+    with pytest.raises(TrainingHalted, match="optim.max_nonfinite_steps=3"):
+        check_health(cfg, nonfinite_in_a_row=3, skipped=0, seen=100)
+    with pytest.raises(TrainingHalted, match="data.max_skipped_fraction=0.1"):
+        check_health(cfg, nonfinite_in_a_row=0, skipped=20, seen=100)
+
+
+def test_nonfinite_gradients_skip_the_update():
+    cfg = tiny_config()
+    model = MultiEncoder(cfg.model)
+    engine = TorchEngine(model, cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    images = torch.randn(4, 3, 32, 32)
+    images[0, 0, 0, 0] = float("nan")
+    embeddings, scale, _ = engine.forward({"image": images, "text": torch.randint(1, 999, (4, 16))})
+    (scale * embeddings["image"] @ embeddings["text"].T).logsumexp(1).sum().backward()
+    result = engine.step()
+    assert result["nonfinite"] == 1.0 and math.isnan(result["grad_norm"])
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name  # no NaN reached the weights
+
+
+class Exploding:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/mmcl-pwned",))
+
+
+def test_checkpoint_files_are_never_unpickled_blindly(tmp_path):
+    cfg = tiny_config()
+    engine = TorchEngine(MultiEncoder(cfg.model), cfg)
+    path = checkpoints.save(tmp_path, 1, engine, {"samples_seen": 0, "samples_skipped": 0,
+                                                  "data_position": [(0, 0)]}, "{}", keep_last=2)
+    (path / "rng_0.pt").write_bytes(pickle.dumps(Exploding()))
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoints.load(path, engine)
+    assert not os.path.exists("/tmp/mmcl-pwned")
+
+
+SAVER = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from conftest import tiny_overrides
+from mmcl import config as config_lib
+from mmcl.checkpoint import state as checkpoints
+from mmcl.models import MultiEncoder
+from mmcl.train.engine import TorchEngine
+cfg = config_lib.load(None, tiny_overrides("unused.tar"))
+engine = TorchEngine(MultiEncoder(cfg.model), cfg)
+meta = {{"samples_seen": 0, "samples_skipped": 0, "data_position": [(0, 0)]}}
+step = int(sys.argv[1])
+while True:
+    step += 1
+    checkpoints.save({run!r}, step, engine, meta, "{{}}", keep_last=2)
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_during_checkpoint_writes_never_breaks_the_latest(tmp_path):
+    script = SAVER.format(tests=str(os.path.dirname(os.path.dirname(__file__))), run=str(tmp_path))
+    rng = random.Random(0)
+    step = 0
+    for _ in range(6):
+        process = subprocess.Popen([sys.executable, "-c", script, str(step)], stdout=subprocess.PIPE, text=True)
+        process.stdout.readline()  # at least one checkpoint done
+        time.sleep(rng.uniform(0.0, 0.4))  # then die at an arbitrary point of a later save
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        latest = checkpoints.latest(tmp_path)
+        assert latest is not None
+        meta = checkpoints.read_meta(latest)
+        assert checkpoints.load_weights(latest)  # complete and loadable
+        cfg = tiny_config()
+        checkpoints.load(latest, TorchEngine(MultiEncoder(cfg.model), cfg))
+        step = meta["step"]
+    assert len(list((tmp_path / "checkpoints").glob("step_*"))) <= 3
+
+
+def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
+    script = f"""
+import resource, signal, sys
+sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+from conftest import tiny_overrides
+from mmcl import config as config_lib
+from mmcl.checkpoint import state as checkpoints
+from mmcl.models import MultiEncoder
+from mmcl.train.engine import TorchEngine
+cfg = config_lib.load(None, tiny_overrides("unused.tar"))
+engine = TorchEngine(MultiEncoder(cfg.model), cfg)
+meta = {{"samples_seen": 0, "samples_skipped": 0, "data_position": [(0, 0)]}}
+checkpoints.save({str(tmp_path)!r}, 1, engine, meta, "{{}}", keep_last=2)
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write then fails with EFBIG, like a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
+try:
+    checkpoints.save({str(tmp_path)!r}, 2, engine, meta, "{{}}", keep_last=2)
+except checkpoints.CheckpointError as error:
+    print("ERROR", error)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert "ERROR could not write the checkpoint of step 2" in result.stdout, result.stderr
+    assert "step_00000001" in result.stdout  # the message names the checkpoint that is kept
+    assert checkpoints.latest(tmp_path).name == "step_00000001"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_step_*"))  # no debris
+    assert not (tmp_path / "checkpoints" / "step_00000002").exists()
