@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Dict, Iterator, Optional, Tuple
 
+import pyarrow.parquet as pq
 from PIL import Image
 from tqdm import tqdm
 
@@ -46,8 +47,6 @@ def manifest_rows(manifest: Path) -> Iterator[Dict[str, object]]:
                 if line.strip():
                     yield json.loads(line)
     elif suffix == ".parquet":
-        import pyarrow.parquet as pq  # optional: only manifests in parquet need it
-
         yield from pq.read_table(manifest).to_pylist()
     else:
         raise ValueError(f"unsupported manifest {manifest}: use .csv, .jsonl or .parquet")

@@ -70,6 +70,16 @@ def test_jsonl_manifest_with_custom_columns(tmp_path, image_root):
         assert sorted(tar.getnames())[:2] == ["000000001.png", "000000001.txt"]
 
 
+def test_parquet_manifest(tmp_path, image_root):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    manifest = image_root / "m.parquet"
+    pq.write_table(pa.table({"image": ["d0.png", "d1.png", "gone.png"], "caption": ["zero", "one", "two"]}), manifest)
+    stats = write_pairs(manifest_pairs(manifest), tmp_path / "shards", progress=False)
+    assert stats["samples"] == 2 and stats["rejected_inputs"][0]["source"] == "m.parquet:3"
+
+
 def test_manifest_missing_column_is_a_clear_error(tmp_path, image_root):
     manifest = image_root / "m.jsonl"
     manifest.write_text(json.dumps({"file": "d0.png", "caption": "x"}) + "\n")
