@@ -84,10 +84,9 @@ class RunResult:
     stopped: bool  # stopped early on SIGTERM/SIGUSR1, after checkpointing: resume with run.resume=latest
 
 
-def train(cfg: Config) -> RunResult:
-    """Train as configured, until run.steps or a stop signal."""
-    dist.init_from_env()
-    is_main = dist.rank() == 0
+def open_run_dir(cfg: Config) -> tuple:
+    """(run directory, checkpoint to resume from or None, the config as YAML), after the checks that
+    must pass before any compute: no silent overwrite of a run, evaluation sets present."""
     run_dir = Path(cfg.run.output_dir) / cfg.run.name
     resume_from = checkpoints.resolve(run_dir, cfg.run.resume)
     if resume_from is None and checkpoints.latest(run_dir) is not None:
@@ -96,10 +95,18 @@ def train(cfg: Config) -> RunResult:
     for root in cfg.eval.datasets:  # a missing evaluation set should stop the run now, not after training
         check_dataset(root)
     config_yaml = config_lib.to_yaml(cfg)
-    if is_main:
+    if dist.rank() == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(config_yaml)
     dist.barrier()  # the run directory exists for every process
+    return run_dir, resume_from, config_yaml
+
+
+def train(cfg: Config) -> RunResult:
+    """Train as configured, until run.steps or a stop signal."""
+    dist.init_from_env()
+    is_main = dist.rank() == 0
+    run_dir, resume_from, config_yaml = open_run_dir(cfg)
     seed_everything(cfg.run.seed)  # identical initial weights on every process
     device = pick_device(cfg.engine.device)
 
@@ -151,10 +158,9 @@ def train(cfg: Config) -> RunResult:
                 samples_file.flush()
             if metrics_log and (step % cfg.run.log_every == 0 or step == cfg.run.steps):
                 rate = (samples_seen - seen_at_start) / max(time.perf_counter() - started, 1e-9)
-                record = {"step": step, "samples_seen": samples_seen, "samples_skipped": samples_skipped,
-                          "epoch": stream.epoch, "samples_per_s": rate,
-                          "samples_per_s_per_device": rate / dist.world_size(), **metrics}
-                metrics_log.write(record)
+                metrics_log.write({"step": step, "samples_seen": samples_seen, "samples_skipped": samples_skipped,
+                                   "epoch": stream.epoch, "samples_per_s": rate,
+                                   "samples_per_s_per_device": rate / dist.world_size(), **metrics})
                 progress.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{metrics['lr']:.1e}",
                                      samples_s=f"{rate:.0f}", skipped=samples_skipped)
             stopping = dist.any_rank(stop.requested)
