@@ -40,7 +40,7 @@ def plain_backward(engine: "Engine", loss_fn: LossFn, inputs: Mapping[str, torch
         encoded = engine.forward(inputs)
     out = loss_fn(*float32(*encoded))
     engine.backward(out["loss"])
-    return {name: value.detach() for name, value in out.items()}
+    return {**{name: value.detach() for name, value in out.items()}, "logit_scale": encoded[1].detach()}
 
 
 def _rng_state() -> tuple:
@@ -81,9 +81,9 @@ class GradCache:
                 parts = []
                 for chunk in chunks[m]:
                     states[m].append(_rng_state())
-                    parts.append(engine.forward({m: chunk})[0][m])
+                    embeddings, logit_scale, logit_bias = engine.forward({m: chunk})
+                    parts.append(embeddings[m])
                 cached[m] = torch.cat(parts)  # (B, D)
-            _, logit_scale, logit_bias = engine.forward({})
         after_first_pass = _rng_state()
 
         # 2. The loss on the whole batch, and its gradient w.r.t. the cached embeddings, scale and bias.
@@ -115,7 +115,7 @@ class GradCache:
                     surrogate = surrogate + logit_bias * grads["bias"]
             engine.backward(surrogate)
         _set_rng_state(after_first_pass)  # the run continues exactly as after one forward pass
-        return {name: value.detach() for name, value in out.items()}
+        return {**{name: value.detach() for name, value in out.items()}, "logit_scale": scale_leaf.detach()}
 
 
 def build_backward(chunk_sizes: Mapping[str, int]) -> Backward:

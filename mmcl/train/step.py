@@ -12,9 +12,8 @@ from mmcl.train.gradcache import Backward
 
 def train_step(engine: Engine, loss_fn: Callable, backward: Backward, inputs: Mapping[str, torch.Tensor],
                autocast: torch.autocast) -> Dict[str, float]:
-    out = backward(engine, loss_fn, inputs, autocast)  # fills .grad: plainly or through the gradient cache
+    # Fills .grad, plainly or through the gradient cache; returns the loss, its parts and the logit scale used.
+    out = backward(engine, loss_fn, inputs, autocast)
     metrics = {name: value.item() for name, value in out.items()}
     metrics.update(engine.step())
-    with torch.no_grad():
-        metrics["logit_scale"] = engine.forward({})[1].item()
     return metrics
