@@ -4,6 +4,9 @@ Call shape: `loss(embeddings, logit_scale, logit_bias=None, negatives=None) -> {
 - embeddings: modality -> this process's unit-norm rows, (B, D), or (B, K, D) for K views/captions.
 - logit_scale: the multiplier (exp of the learnt log-scale); logit_bias: SigLIP's bias, else None.
 - negatives: optional modality -> (B, H, D) explicit hard negatives, extra candidates of that modality.
+- present: optional modality -> (B,) bool, False where a sample lacks that modality (its row is a
+  placeholder). A pair is then scored over the samples that have both, on every process, with the
+  same weight per sample as if only those samples had been in the batch.
 
 Distributed: embeddings are all-gathered with gradients and each process computes only the rows of
 its own samples against every process's candidates (the "local loss"). The returned value is the
@@ -28,6 +31,7 @@ Embeddings = Mapping[str, torch.Tensor]
 
 class ContrastiveLoss(nn.Module):
     gathers = True  # whether pair_loss needs every process's embeddings (global_a, global_b)
+    takes_missing = True  # whether a pair can be scored over a subset of the batch (see `present`)
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
@@ -45,26 +49,84 @@ class ContrastiveLoss(nn.Module):
         return [(a, b, self.cfg.pair_weights.get(f"{a}-{b}", 1.0)) for a, b in present]
 
     def forward(self, embeddings: Embeddings, logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor] = None,
-                negatives: Optional[Embeddings] = None) -> Dict[str, torch.Tensor]:
+                negatives: Optional[Embeddings] = None,
+                present: Optional[Mapping[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
         pairs = self.pairs(list(embeddings))
         if not pairs:
             raise ValueError(f"loss {self.cfg.name!r} found no modality pair among {sorted(embeddings)}")
-        gather = dist.all_gather_with_grad if self.gathers else (lambda local: local)
-        gathered = {m: gather(e) for m, e in embeddings.items()}
-        gathered_negatives = {m: dist.all_gather_with_grad(n).flatten(0, 1)  # (W*B, H, D) -> (W*B*H, D)
-                              for m, n in (negatives or {}).items()}
+        if self.gathers:
+            gathered, gathered_negatives = _gather_all(embeddings, negatives or {})
+        else:
+            gathered, gathered_negatives = dict(embeddings), {}
+            if negatives:
+                raise ValueError(f"loss {self.cfg.name!r} takes no explicit hard negatives in this exchange")
         parts: Dict[str, torch.Tensor] = {}
         for a, b, _ in pairs:
-            parts[f"{a}-{b}"] = self.pair_loss(
-                embeddings[a], embeddings[b], gathered[a], gathered[b], logit_scale, logit_bias,
-                gathered_negatives.get(a), gathered_negatives.get(b))
+            local = (embeddings[a], embeddings[b], gathered[a], gathered[b])
+            extra = (logit_scale, logit_bias, gathered_negatives.get(a), gathered_negatives.get(b))
+            both = _both_present(present, a, b, embeddings[a])
+            if both is None:
+                parts[f"{a}-{b}"] = self.pair_loss(*local, local_positions(embeddings[a]), *extra)
+            else:
+                parts[f"{a}-{b}"] = self._subset_pair_loss(*local, both, extra)
         total = sum(weight * parts[f"{a}-{b}"] for a, b, weight in pairs)
         return {"loss": total, **parts}  # type: ignore[dict-item]
 
+    def _subset_pair_loss(self, local_a: torch.Tensor, local_b: torch.Tensor, global_a: torch.Tensor,
+                          global_b: torch.Tensor, local_rows: torch.Tensor, extra: tuple) -> torch.Tensor:
+        """pair_loss over the samples holding both modalities (`local_rows`, (B,) bool)."""
+        if not self.takes_missing:
+            raise ValueError(f"loss {self.cfg.name!r} cannot score batches with missing modalities")
+        global_rows = dist.all_gather_with_grad(local_rows.to(torch.uint8)).bool() if self.gathers else local_rows
+        kept, kept_everywhere = int(local_rows.sum()), int(global_rows.sum())
+        if kept == 0 or kept_everywhere < 2:  # nothing to score here (a contrast needs a negative); stay in
+            # the graph all the same: every process must run the same backward collectives (the gathers').
+            return 0.0 * (global_a.sum() + global_b.sum())
+        # Each kept local row's positive: its index among the kept rows of the gathered batch.
+        positive = (global_rows.cumsum(0) - 1)[local_positions(local_a)][local_rows]
+        loss = self.pair_loss(local_a[local_rows], local_b[local_rows], global_a[global_rows], global_b[global_rows],
+                              positive, *extra)
+        # pair_loss is a mean over this process's kept rows; weight it by their share of all kept rows, so
+        # the mean over processes is the mean over every kept row, as on one process.
+        return loss * (kept * dist.world_size() / kept_everywhere)
+
     def pair_loss(self, local_a: torch.Tensor, local_b: torch.Tensor, global_a: torch.Tensor, global_b: torch.Tensor,
-                  logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor],
+                  positive: torch.Tensor, logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor],
                   negatives_a: Optional[torch.Tensor], negatives_b: Optional[torch.Tensor]) -> torch.Tensor:
+        """Loss of this process's rows; `positive` (R,) indexes each local row's pair among the global rows."""
         raise NotImplementedError
+
+
+def _gather_all(embeddings: Embeddings, negatives: Embeddings) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """Every process's embeddings and hard negatives, in one differentiable all-gather.
+
+    One collective, so one reduction in backward: with several gathers the autograd engine would be
+    free to run their reductions in a different order on processes whose loss graphs differ (as when
+    a process holds no sample of some pair), and the collectives would cross.
+    Returns modality -> (W*B, ...) embeddings and modality -> (W*B*H, D) negatives.
+    """
+    if not dist.is_distributed():
+        return dict(embeddings), {m: n.flatten(0, 1) for m, n in negatives.items()}
+    tensors = [*embeddings.values(), *negatives.values()]
+    widths = [t[0].numel() for t in tensors]
+    flat = dist.all_gather_with_grad(torch.cat([t.flatten(1) for t in tensors], dim=1))  # (W*B, sum of widths)
+    pieces = [piece.reshape(-1, *t.shape[1:]) for piece, t in zip(flat.split(widths, dim=1), tensors)]
+    gathered = dict(zip(embeddings, pieces[:len(embeddings)]))
+    gathered_negatives = {m: n.flatten(0, 1) for m, n in zip(negatives, pieces[len(embeddings):])}
+    return gathered, gathered_negatives
+
+
+def _both_present(present: Optional[Mapping[str, torch.Tensor]], a: str, b: str,
+                  like: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B,) bool of the samples holding both modalities, or None when every sample holds both."""
+    if not present or (a not in present and b not in present):
+        return None
+    rows = torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
+    for modality in (a, b):
+        if modality in present:
+            rows = rows & present[modality].to(like.device)
+    # Every process must take the same branch (the subset path gathers): decide on the global batch.
+    return None if not dist.any_rank(not bool(rows.all())) else rows
 
 
 def local_positions(local: torch.Tensor) -> torch.Tensor:
@@ -85,10 +147,10 @@ def single_view(tensor: torch.Tensor, loss_name: str) -> torch.Tensor:
 class RowwiseLoss(ContrastiveLoss):
     """Losses defined per anchor row over its candidates, symmetrised over the two directions."""
 
-    def pair_loss(self, local_a, local_b, global_a, global_b, logit_scale, logit_bias, negatives_a, negatives_b):
+    def pair_loss(self, local_a, local_b, global_a, global_b, positive, logit_scale, logit_bias, negatives_a,
+                  negatives_b):
         local_a, local_b = single_view(local_a, self.cfg.name), single_view(local_b, self.cfg.name)
         global_a, global_b = single_view(global_a, self.cfg.name), single_view(global_b, self.cfg.name)
-        positive = local_positions(local_a)
         # Explicit hard negatives of one modality are extra candidates for the other modality's anchors.
         candidates_b = global_b if negatives_b is None else torch.cat([global_b, negatives_b])  # (C + N, D)
         candidates_a = global_a if negatives_a is None else torch.cat([global_a, negatives_a])

@@ -21,12 +21,16 @@ from mmcl.losses.registry import LOSSES
 
 @LOSSES.register("symile")
 class Symile(ContrastiveLoss):
-    def forward(self, embeddings, logit_scale, logit_bias=None, negatives=None):
+    takes_missing = False  # every sample must hold every modality
+
+    def forward(self, embeddings, logit_scale, logit_bias=None, negatives=None, present=None):
         modalities = sorted(embeddings)
         if len(modalities) < 3:
             raise ValueError(f"symile needs three or more modalities, got {modalities}")
         if negatives:
             raise ValueError("symile takes no explicit hard negatives")
+        if present and not all(bool(rows.all()) for rows in present.values()):
+            raise ValueError("symile cannot score batches with missing modalities")
         local = {m: single_view(e, "symile") for m, e in embeddings.items()}
         parts = {}
         for target in modalities:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import torch
 
-from mmcl import dist
 from mmcl.losses.base import ContrastiveLoss
 from mmcl.losses.registry import LOSSES
 
@@ -21,21 +20,22 @@ def _views(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings if embeddings.ndim == 3 else embeddings[:, None]  # (B, D) -> (B, 1, D)
 
 
-def _flat_with_ids(embeddings: torch.Tensor, first_id: int) -> tuple:
+def _flat_with_ids(embeddings: torch.Tensor, sample_ids: torch.Tensor) -> tuple:
     views = _views(embeddings)  # (B, K, D)
-    batch, k, _ = views.shape
-    ids = (torch.arange(batch, device=views.device) + first_id).repeat_interleave(k)  # (B*K,)
+    ids = sample_ids.repeat_interleave(views.shape[1])  # (B*K,)
     return views.flatten(0, 1), ids  # (B*K, D), (B*K,)
 
 
 @LOSSES.register("multi_positive")
 class MultiPositive(ContrastiveLoss):
-    def pair_loss(self, local_a, local_b, global_a, global_b, logit_scale, logit_bias, negatives_a, negatives_b):
-        first = dist.rank() * local_a.shape[0]
-        anchors_a, ids_a = _flat_with_ids(local_a, first)
-        anchors_b, ids_b = _flat_with_ids(local_b, first)
-        candidates_a, cand_ids_a = _flat_with_ids(global_a, 0)
-        candidates_b, cand_ids_b = _flat_with_ids(global_b, 0)
+    def pair_loss(self, local_a, local_b, global_a, global_b, positive, logit_scale, logit_bias, negatives_a,
+                  negatives_b):
+        # Sample ids: a local sample's id is its position among the global rows.
+        anchors_a, ids_a = _flat_with_ids(local_a, positive)
+        anchors_b, ids_b = _flat_with_ids(local_b, positive)
+        global_ids = torch.arange(global_a.shape[0], device=global_a.device)
+        candidates_a, cand_ids_a = _flat_with_ids(global_a, global_ids)
+        candidates_b, cand_ids_b = _flat_with_ids(global_b, global_ids)
         if negatives_a is not None:  # explicit negatives match no sample id
             candidates_a = torch.cat([candidates_a, negatives_a])
             cand_ids_a = torch.cat([cand_ids_a, cand_ids_a.new_full((negatives_a.shape[0],), -1)])

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from mmcl import dist
-from mmcl.losses.base import ContrastiveLoss, local_positions, single_view
+from mmcl.losses.base import ContrastiveLoss, single_view
 from mmcl.losses.registry import LOSSES
 
 
@@ -42,13 +42,15 @@ class SigLIP(ContrastiveLoss):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.gathers = cfg.siglip_exchange == "gather"
+        self.takes_missing = self.gathers  # the ring passes equal-sized blocks: no subsets
 
-    def pair_loss(self, local_a, local_b, global_a, global_b, logit_scale, logit_bias, negatives_a, negatives_b):
+    def pair_loss(self, local_a, local_b, global_a, global_b, positive, logit_scale, logit_bias, negatives_a,
+                  negatives_b):
         if negatives_a is not None or negatives_b is not None:
             raise ValueError("siglip takes no explicit hard negatives")
         local_a, local_b = single_view(local_a, "siglip"), single_view(local_b, "siglip")
         if self.cfg.siglip_exchange == "gather":
-            total = _block(local_a, single_view(global_b, "siglip"), logit_scale, logit_bias, local_positions(local_a))
+            total = _block(local_a, single_view(global_b, "siglip"), logit_scale, logit_bias, positive)
         else:
             diagonal = torch.arange(local_a.shape[0], device=local_a.device)
             total = _block(local_a, local_b, logit_scale, logit_bias, diagonal)

@@ -85,9 +85,10 @@ class TiledInfoNCE(RowwiseLoss):
             loss = loss - eps * logit_scale * anchors @ candidates.mean(dim=0)  # (R, D) x (D,) -> (R,)
         return loss
 
-    def pair_loss(self, local_a, local_b, global_a, global_b, logit_scale, logit_bias, negatives_a, negatives_b):
+    def pair_loss(self, local_a, local_b, global_a, global_b, positive, logit_scale, logit_bias, negatives_a,
+                  negatives_b):
         if dist.world_size() > 1 or negatives_a is not None or negatives_b is not None:
-            return super().pair_loss(local_a, local_b, global_a, global_b, logit_scale, logit_bias,
+            return super().pair_loss(local_a, local_b, global_a, global_b, positive, logit_scale, logit_bias,
                                      negatives_a, negatives_b)
         # One process, square logits: one pass gives both directions (rows: a->b, columns: b->a).
         a, b = single_view(local_a, self.cfg.name), single_view(local_b, self.cfg.name)

@@ -33,7 +33,18 @@ CASES = [
     ("multi_positive", {"positive_aggregation": "arithmetic"}, {"views": (3, 1)}),
     ("symile", {}, {"modalities": 3}),
     ("infonce", {"anchor": "image", "pair_weights": {"image-audio": 0.5}}, {"modalities": 3}),
+    # Samples lacking a modality (process 0 holds no audio at all): each pair over the samples with both.
+    ("infonce", {}, {"modalities": 3, "missing": True}),
+    ("hn_nce", {"alpha": 0.5, "beta": 1.0}, {"modalities": 3, "missing": True}),
+    ("siglip", {"siglip_exchange": "gather"}, {"modalities": 3, "missing": True, "bias": True}),
+    ("multi_positive", {}, {"modalities": 3, "missing": True, "views": (2, 1)}),
 ]
+
+
+def presence(n):
+    """image missing on every third sample, audio on none of the first process's and on 3 in 4 after."""
+    index = torch.arange(n)
+    return {"image": index % 3 != 2, "audio": (index >= PER_RANK) & (index % 4 != 1)}
 
 
 def case_inputs(case_index, world):
@@ -54,17 +65,18 @@ def case_inputs(case_index, world):
         negatives["text"] = F.normalize(torch.randn(n, shape["negatives"], DIM, generator=g, dtype=torch.float64), dim=-1)
     scale = torch.tensor(7.5, dtype=torch.float64)
     bias = torch.tensor(-3.0, dtype=torch.float64) if shape.get("bias") else None
-    return embeddings, negatives, scale, bias
+    present = presence(n) if shape.get("missing") else {}
+    return embeddings, negatives, scale, bias, present
 
 
-def loss_and_grads(case_index, embeddings, negatives, scale, bias):
+def loss_and_grads(case_index, embeddings, negatives, scale, bias, present):
     name, options, _ = CASES[case_index]
     leaves = {**{f"emb:{k}": v for k, v in embeddings.items()}, **{f"neg:{k}": v for k, v in negatives.items()},
               "scale": scale, **({"bias": bias} if bias is not None else {})}
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
     out = build_loss(LossConfig(name=name, **options))(
         {k[4:]: v for k, v in leaves.items() if k.startswith("emb:")}, leaves["scale"], leaves.get("bias"),
-        {k[4:]: v for k, v in leaves.items() if k.startswith("neg:")} or None)
+        {k[4:]: v for k, v in leaves.items() if k.startswith("neg:")} or None, present or None)
     grads = torch.autograd.grad(out["loss"], list(leaves.values()))
     return out["loss"].detach(), dict(zip(leaves, grads))
 
@@ -77,13 +89,13 @@ def open_clip_results(rank, world):
     """open_clip's losses in each distributed mode, on this rank's share of case 0 (InfoNCE) and 5 (SigLIP)."""
     results = {}
     for local_loss in (True, False):
-        emb, _, scale, _ = case_inputs(0, world)
+        emb, _, scale, _, _ = case_inputs(0, world)
         a = local_slice(emb["image"], rank).clone().requires_grad_(True)
         b = local_slice(emb["text"], rank).clone().requires_grad_(True)
         loss = ClipLoss(local_loss=local_loss, gather_with_grad=True, rank=rank, world_size=world)(a, b, scale)
         results[f"clip_local={local_loss}"] = (loss.detach(), torch.autograd.grad(loss, (a, b)))
     for impl in ("bidir", "shift", "reduce", "gather"):
-        emb, _, scale, bias = case_inputs(5, world)
+        emb, _, scale, bias, _ = case_inputs(5, world)
         a = local_slice(emb["image"], rank).clone().requires_grad_(True)
         b = local_slice(emb["text"], rank).clone().requires_grad_(True)
         loss = SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(a, b, scale, bias)
@@ -97,9 +109,9 @@ def worker(rank, world, port, out_dir):
     try:
         results = {}
         for index in range(len(CASES)):
-            embeddings, negatives, scale, bias = case_inputs(index, world)
-            results[index] = loss_and_grads(index, {k: local_slice(v, rank) for k, v in embeddings.items()},
-                                            {k: local_slice(v, rank) for k, v in negatives.items()}, scale, bias)
+            embeddings, negatives, scale, bias, present = case_inputs(index, world)
+            local = lambda tensors: {k: local_slice(v, rank) for k, v in tensors.items()}  # noqa: E731
+            results[index] = loss_and_grads(index, local(embeddings), local(negatives), scale, bias, local(present))
         results["open_clip"] = open_clip_results(rank, world)
         torch.save(results, os.path.join(out_dir, f"{rank}.pt"))
     finally:
@@ -123,8 +135,8 @@ def distributed_results(request, tmp_path_factory):
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
 def test_loss_and_gradients_equal_single_process(distributed_results, index):
     world, per_rank = distributed_results
-    embeddings, negatives, scale, bias = case_inputs(index, world)
-    single_loss, single_grads = loss_and_grads(index, embeddings, negatives, scale, bias)
+    embeddings, negatives, scale, bias, present = case_inputs(index, world)
+    single_loss, single_grads = loss_and_grads(index, embeddings, negatives, scale, bias, present)
 
     mean_loss = sum(results[index][0] for results in per_rank) / world
     torch.testing.assert_close(mean_loss, single_loss, rtol=1e-10, atol=1e-12)

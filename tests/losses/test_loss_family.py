@@ -125,3 +125,30 @@ def test_hcl_is_stable_at_the_largest_scale_in_float32():
     b = F.normalize(a + 0.1 * torch.randn(64, 32), dim=-1)
     out = build_loss(LossConfig(name="hcl"))({"image": a, "text": b}, torch.tensor(100.0))
     assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("name, options", [
+    ("infonce", {}), ("infonce_tiled", {"chunk_size": 2}), ("dcl", {}), ("hcl", {"beta": 0.5, "tau_plus": 0.1}),
+    ("siglip", {}), ("multi_positive", {}),
+])
+def test_missing_modalities_score_each_pair_over_the_samples_holding_both(name, options):
+    """With `present` masks every pair's loss (and gradient) is the loss of the kept samples alone."""
+    n = 9
+    emb = {m: unit(n, 5, seed=i) for i, m in enumerate(["image", "text", "audio"])}
+    scale, bias = scale_for(0.1), torch.tensor(-1.0, dtype=torch.float64)
+    present = {"image": torch.arange(n) % 3 != 0, "audio": torch.arange(n) % 2 == 0}
+    loss = build_loss(LossConfig(name=name, **options))
+    out = loss(emb, scale, bias if name == "siglip" else None, present=present)
+    for a, b in [("audio", "image"), ("audio", "text"), ("image", "text")]:
+        rows = present.get(a, torch.ones(n, dtype=torch.bool)) & present.get(b, torch.ones(n, dtype=torch.bool))
+        alone = loss({a: emb[a][rows], b: emb[b][rows]}, scale, bias if name == "siglip" else None)
+        assert_same_loss_and_grads(out[f"{a}-{b}"], alone["loss"], (emb[a], emb[b], scale))
+
+
+def test_a_pair_with_no_sample_holding_both_adds_nothing():
+    emb = {m: unit(4, 5, seed=i) for i, m in enumerate(["image", "text", "audio"])}
+    present = {"image": torch.tensor([True, True, False, False]), "audio": torch.tensor([False, False, True, True])}
+    out = build_loss(LossConfig(name="infonce"))(emb, scale_for(0.1), present=present)
+    assert out["audio-image"].item() == 0.0
+    out["loss"].backward()
+    assert emb["audio"].grad[:2].abs().max() == 0 and emb["image"].grad[2:].abs().max() == 0
