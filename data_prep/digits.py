@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Tuple
 
 import numpy as np
 from PIL import Image
@@ -55,13 +55,19 @@ def caption(label: int, rng: random.Random) -> str:
     return rng.choice(CAPTIONS).format(word=WORDS[label], digit=label)
 
 
-def prepare_digits(out_dir: str | Path, captions_per_image: int = 4, samples_per_shard: int = 1000,
-                   test_fraction: float = 0.2, seed: int = 0) -> Dict[str, object]:
-    out_dir = Path(out_dir)
+def split_digits(test_fraction: float, seed: int) -> Tuple[object, np.ndarray, np.ndarray]:
+    """(scikit-learn's digits, training indices, held-out indices), stratified by class."""
     digits = load_digits()
     indices = np.arange(len(digits.target))
     train_idx, test_idx = train_test_split(indices, test_size=test_fraction, stratify=digits.target,
                                            random_state=seed)
+    return digits, train_idx, test_idx
+
+
+def prepare_digits(out_dir: str | Path, captions_per_image: int = 4, samples_per_shard: int = 1000,
+                   test_fraction: float = 0.2, seed: int = 0) -> Dict[str, object]:
+    out_dir = Path(out_dir)
+    digits, train_idx, test_idx = split_digits(test_fraction, seed)
     rng = random.Random(seed)
 
     with ShardSetWriter(out_dir / "train", samples_per_shard) as train:

@@ -17,9 +17,20 @@ def _prep(args: argparse.Namespace) -> None:
     from data_prep.writer import brace_pattern
 
     if args.source == "digits":
-        summary = prepare_digits(args.out, args.captions_per_image, args.samples_per_shard, args.test_fraction, args.seed)
+        summary = prepare_digits(args.out, args.captions_per_image or 4, args.samples_per_shard, args.test_fraction,
+                                 args.seed)
         print(f"digits: {summary['train_images']} training images ({sum(summary['train'].values())} samples, "
               f"{len(summary['train'])} shards), {summary['test_images']} held-out images")
+        print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
+        return
+    if args.source == "spoken-digits":
+        from data_prep.spoken_digits import prepare_spoken_digits
+
+        summary = prepare_spoken_digits(args.out, args.clips_per_voice, args.captions_per_image or 2,
+                                        args.samples_per_shard, args.test_fraction, args.seed)
+        print(f"spoken digits: {summary['train_images']} training images and {summary['train_clips']} clips "
+              f"({sum(summary['train'].values())} samples); {summary['test_images']} held-out images paired "
+              f"with clips of {summary['test_clips'] // 30} held-out voices")
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
         return
     if args.source == "folder":
@@ -101,14 +112,16 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prep", help="write webdataset shards")
-    prep.add_argument("source", choices=["digits", "folder", "manifest"])
-    prep.add_argument("input", nargs="?", help="folder or manifest (.csv/.jsonl/.parquet); not for digits")
+    prep.add_argument("source", choices=["digits", "spoken-digits", "folder", "manifest"])
+    prep.add_argument("input", nargs="?", help="folder or manifest (.csv/.jsonl/.parquet); not for the bundled sets")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--samples-per-shard", type=int, default=1000)
     prep.add_argument("--image-column", default="image")
     prep.add_argument("--caption-column", default="caption")
     prep.add_argument("--key-column", default="key")
-    prep.add_argument("--captions-per-image", type=int, default=4, help="digits: training samples per image")
+    prep.add_argument("--captions-per-image", type=int, default=None,
+                      help="digits (default 4), spoken-digits (default 2): training samples per image")
+    prep.add_argument("--clips-per-voice", type=int, default=3, help="spoken-digits: clips per voice and digit")
     prep.add_argument("--test-fraction", type=float, default=0.2, help="digits: held-out share")
     prep.add_argument("--seed", type=int, default=0)
     prep.set_defaults(run=_prep)
@@ -135,7 +148,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.command == "prep" and args.source != "digits" and not args.input:
+    if args.command == "prep" and args.source in ("folder", "manifest") and not args.input:
         parser().error(f"prep {args.source} needs an input path")
     from mmcl.checkpoint.state import CheckpointError
     from mmcl.train.loop import TrainingHalted

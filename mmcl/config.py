@@ -43,8 +43,11 @@ class DataConfig:
     max_skipped_fraction: float = 0.1  # stop when more than this share of the samples read is unreadable
     # modality -> shard fields holding it, ";"-separated alternatives in order of preference
     fields: Dict[str, str] = field(
-        default_factory=lambda: {"image": "jpg;jpeg;png;webp", "text": "txt"}
+        default_factory=lambda: {"image": "jpg;jpeg;png;webp", "text": "txt", "audio": "flac;wav;ogg;mp3"}
     )
+    # Modalities a sample may lack (e.g. [image, audio] for a mix of image-text and audio-text pairs):
+    # a pair's loss is then taken over the samples holding both. Other modalities are required.
+    optional_modalities: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -207,6 +210,16 @@ def check_loss(config: Config) -> None:
         raise ConfigError(f"config key 'loss.name': symile needs three or more towers, got {len(towers)}")
     if not 0 <= loss.tau_plus < 1:
         raise ConfigError(f"config key 'loss.tau_plus': must be in [0, 1), got {loss.tau_plus}")
+    for modality in config.data.optional_modalities:
+        if modality not in towers:
+            raise ConfigError(f"config key 'data.optional_modalities': {modality!r} is not a tower "
+                              f"({', '.join(sorted(towers))})")
+    if config.data.optional_modalities:
+        from mmcl.losses import build_loss
+
+        if not build_loss(loss).takes_missing:
+            raise ConfigError(f"config key 'loss.name': {loss.name!r} cannot score batches with missing "
+                              "modalities (data.optional_modalities is set)")
     if loss.chunk_size < 1:
         raise ConfigError(f"config key 'loss.chunk_size': must be at least 1, got {loss.chunk_size}")
 

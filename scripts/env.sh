@@ -3,6 +3,15 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${MMCL_VENV:-.venv}"
+# The one system package: the text-to-speech engine that `mmcl prep spoken-digits` speaks digits with.
+if ! command -v espeak-ng >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; }
+    else
+        echo "note: espeak-ng is missing (needed by 'mmcl prep spoken-digits'): sudo apt-get install espeak-ng" >&2
+    fi
+fi
 if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
 fi

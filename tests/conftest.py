@@ -25,6 +25,16 @@ def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def spoken_digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tri-modal set (digits written and spoken by espeak-ng), one clip per voice and digit."""
+    from data_prep.spoken_digits import prepare_spoken_digits
+
+    root = tmp_path_factory.mktemp("spoken_digits", numbered=False)
+    prepare_spoken_digits(root, clips_per_voice=1, captions_per_image=1, samples_per_shard=500, seed=0)
+    return root
+
+
+@pytest.fixture(scope="session")
 def digit_pngs() -> list:
     """A few real handwritten digits as PNG bytes, with their labels."""
     digits = load_digits()

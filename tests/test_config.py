@@ -59,10 +59,31 @@ def test_wrong_type_is_named():
     ("loss.tau_plus=1.0", "loss.tau_plus"),
     ("engine.grad_cache.image=64", "engine.grad_cache.image"),
     ("engine.grad_cache.audio=4", "engine.grad_cache.audio"),
+    ("data.optional_modalities=[audio]", "data.optional_modalities"),
+    ("model.towers.image.options.patch_size=4", None),  # valid: a control for the list's neighbours
 ])
 def test_semantic_errors_are_named(override, key):
+    if key is None:
+        config_lib.load(None, tiny_overrides("x.tar") + [override])
+        return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_lib.load(None, tiny_overrides("x.tar") + [override])
+
+
+AUDIO = ["model.towers.audio.type=audio_spectrogram", "model.towers.audio.preset=mmcl-tiny"]
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.towers.audio.preset=huge"], "model.towers.audio.preset"),
+    (["model.towers.audio.options.n_mels=30"], "model.towers.audio.options"),  # not a multiple of patch_freq
+    (["model.towers.audio.options.mels=30"], "model.towers.audio.options.mels"),
+    (["data.optional_modalities=[image,audio]", "loss.name=symile"], "loss.name"),
+    (["data.optional_modalities=[image]", "loss.name=siglip", "loss.siglip_exchange=ring"], "loss.name"),
+])
+def test_audio_and_missing_modality_errors_are_named(overrides, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        config_lib.load(None, tiny_overrides("x.tar") + AUDIO + overrides)
+    config_lib.load(None, tiny_overrides("x.tar") + AUDIO + ["data.optional_modalities=[image,audio]"])
 
 
 def test_missing_required_value():

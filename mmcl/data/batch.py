@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List
 
 import torch
@@ -13,6 +13,7 @@ class Batch:
     inputs: Dict[str, torch.Tensor]  # modality -> stacked tensor, first dim = batch
     keys: List[str]  # "<shard url>#<sample key>", in batch order
     skipped: int = 0  # samples dropped as unreadable by this worker since its previous batch
+    present: Dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (B,) bool: not a placeholder
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -1,7 +1,8 @@
 """Raw shard bytes -> Python values, by an explicit allow-list of formats.
 
-Only images (Pillow), UTF-8 text and integer labels are ever decoded. Fields with any other extension,
-pickles among them (.pyd, .pickle, .pth), are never touched, so nothing from a shard is unpickled.
+Only images (Pillow), audio (libsndfile, through soundfile), UTF-8 text and integer labels are ever
+decoded. Fields with any other extension, pickles among them (.pyd, .pickle, .pth), are never touched,
+so nothing from a shard is unpickled.
 """
 
 from __future__ import annotations
@@ -10,9 +11,12 @@ import io
 import warnings
 from typing import Callable, Dict, Mapping, Sequence, Tuple
 
+import numpy as np
+import soundfile
 from PIL import Image
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff"})
+AUDIO_EXTENSIONS = frozenset({"wav", "flac", "ogg", "opus", "mp3"})
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption", "json", "cls", "label"})
 
 
@@ -30,6 +34,30 @@ def decode_image(data: bytes) -> Image.Image:
                 return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise SampleError(f"unreadable image: {error}") from None
+
+
+# Longer recordings are refused rather than decoded whole: the audio analogue of a decompression bomb.
+MAX_SECONDS = 600.0
+
+Waveform = Tuple[np.ndarray, int]  # (samples,) float32 mono, sample rate
+
+
+def decode_audio(data: bytes) -> Waveform:
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as audio:
+            if audio.frames > MAX_SECONDS * audio.samplerate:
+                raise SampleError(f"audio is {audio.frames / audio.samplerate:.0f} s long, over {MAX_SECONDS:.0f} s")
+            samples = audio.read(dtype="float32", always_2d=True)  # (frames, channels)
+            rate = audio.samplerate
+    except SampleError:
+        raise
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as error:
+        raise SampleError(f"unreadable audio: {error}") from None
+    if samples.shape[0] == 0:
+        raise SampleError("empty audio")
+    if not np.isfinite(samples).all():
+        raise SampleError("audio holds NaN/Inf samples")
+    return samples.mean(axis=1), rate  # down-mix to mono
 
 
 def decode_text(data: bytes) -> str:
@@ -52,6 +80,7 @@ def decode_label(data: bytes) -> int:
 
 DECODERS: Dict[str, Tuple[frozenset, Callable[[bytes], object]]] = {
     "image": (IMAGE_EXTENSIONS, decode_image),
+    "audio": (AUDIO_EXTENSIONS, decode_audio),
     "text": (TEXT_EXTENSIONS, decode_text),
     "label": (TEXT_EXTENSIONS, decode_label),
 }

@@ -1,7 +1,8 @@
 """build_stream / build_eval_loader: one webdataset pipeline from shards to typed Batches.
 
 shards (seeded order) -> node split -> worker split -> tar samples -> shuffle -> decode + preprocess
--> batch. Unreadable tars and samples are skipped, logged with shard and key, and counted in
+-> batch. A modality given a placeholder may be missing from a sample: the placeholder stands in and
+`Batch.present` marks it. Unreadable tars and samples are skipped, logged with shard and key, and counted in
 `Batch.skipped` so the training loop can report them; nothing here is fatal to a run.
 """
 
@@ -11,7 +12,7 @@ import logging
 import random
 from dataclasses import dataclass
 from itertools import count
-from typing import Callable, Dict, Iterator, List, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 import webdataset as wds
@@ -27,9 +28,11 @@ log = logging.getLogger("mmcl.data")
 class InputSpec:
     """How one modality is read: which decoder, from which shard fields, then which preprocessing."""
 
-    kind: str  # "image" | "text" | "label"
+    kind: str  # "image" | "text" | "audio" | "label"
     fields: Sequence[str]
     preprocess: Callable[[object], torch.Tensor]
+    # For a modality samples may lack: the input standing in for it (masked out of the loss). None: required.
+    placeholder: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         check_fields(self.kind, self.fields)
@@ -62,7 +65,7 @@ def _decode_and_batch(
     for sample in samples:
         where = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
         try:
-            tensors = {m: spec.preprocess(decode_field(sample, spec.kind, spec.fields)) for m, spec in inputs.items()}
+            tensors = _decode_sample(sample, inputs)
         except SampleError as error:
             skips.skip(where, str(error))
             continue
@@ -71,16 +74,34 @@ def _decode_and_batch(
             continue
         buffer.append((where, tensors))
         if len(buffer) == batch_size:
-            yield _collate(buffer, skips.take())
+            yield _collate(buffer, inputs, skips.take())
             buffer = []
     if buffer and partial:
-        yield _collate(buffer, skips.take())
+        yield _collate(buffer, inputs, skips.take())
 
 
-def _collate(items: List[tuple], skipped: int) -> Batch:
-    modalities = items[0][1].keys()
-    inputs = {m: torch.stack([tensors[m] for _, tensors in items]) for m in modalities}  # (B, ...)
-    return Batch(inputs=inputs, keys=[where for where, _ in items], skipped=skipped)
+def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Optional[torch.Tensor]]:
+    """modality -> preprocessed tensor, or None for an optional modality the sample lacks."""
+    tensors: Dict[str, Optional[torch.Tensor]] = {}
+    for modality, spec in inputs.items():
+        if spec.placeholder is not None and not any(name in sample for name in spec.fields):
+            tensors[modality] = None
+        else:
+            tensors[modality] = spec.preprocess(decode_field(sample, spec.kind, spec.fields))
+    if any(spec.placeholder is not None for spec in inputs.values()):
+        present = [m for m, tensor in tensors.items() if tensor is not None and inputs[m].kind != "label"]
+        if len(present) < 2:
+            raise SampleError(f"only {present or 'no modality'} present: nothing to contrast")
+    return tensors
+
+
+def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> Batch:
+    batch_inputs, present = {}, {}
+    for modality, spec in inputs.items():
+        rows = [tensors[modality] for _, tensors in items]
+        present[modality] = torch.tensor([row is not None for row in rows])  # (B,) bool
+        batch_inputs[modality] = torch.stack([spec.placeholder if row is None else row for row in rows])  # (B, ...)
+    return Batch(inputs=batch_inputs, keys=[where for where, _ in items], skipped=skipped, present=present)
 
 
 def _pipeline(

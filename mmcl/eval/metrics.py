@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -21,10 +21,16 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
-def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence[int]) -> Dict[int, float]:
-    """Fraction of queries whose own pair (same row index) ranks within the top k of the gallery."""
+def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence[int],
+                labels: Optional[torch.Tensor] = None) -> Dict[int, float]:
+    """Fraction of queries with a match within the top k of the gallery. A match is the query's own
+    pair (same row index), or, given `labels` (N,), any gallery item of the query's label."""
     scores = query_emb @ gallery_emb.T  # (N, D) x (D, N) -> (N, N)
-    own = scores.diagonal()[:, None]  # (N, 1)
-    # Rank = how many gallery items score strictly higher than the true pair.
-    rank = (scores > own).sum(dim=1)  # (N,)
+    if labels is None:
+        matches = torch.eye(len(scores), dtype=torch.bool)
+    else:
+        matches = labels[:, None] == labels[None, :]  # (N, N)
+    best_match = scores.masked_fill(~matches, float("-inf")).max(dim=1, keepdim=True).values  # (N, 1)
+    # Rank = how many gallery items that are not matches score strictly higher than the best match.
+    rank = ((scores > best_match) & ~matches).sum(dim=1)  # (N,)
     return {k: (rank < k).float().mean().item() for k in ks}

@@ -16,16 +16,17 @@ def write_json(results: Dict[str, Dict[str, object]], path: Path) -> None:
 
 
 def format_table(results: Dict[str, Dict[str, object]]) -> str:
-    """One row per dataset: sample count and every float metric, as percentages."""
+    """One row per metric (there are many with several modalities), one column per dataset, in %."""
     metric_names: List[str] = []
     for metrics in results.values():
         for name, value in metrics.items():
             if isinstance(value, float) and name not in metric_names:
                 metric_names.append(name)
-    header = ["dataset", "samples", *metric_names]
-    rows = [[name, str(m.get("samples", "")), *(f"{100 * m[k]:.1f}" if k in m else "-" for k in metric_names)]
-            for name, m in results.items()]
+    header = ["metric", *results]
+    rows = [["samples", *(str(m.get("samples", "")) for m in results.values())]]
+    rows += [[name, *(f"{100 * m[name]:.1f}" if name in m else "-" for m in results.values())]
+             for name in metric_names]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in [header, *rows]]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)

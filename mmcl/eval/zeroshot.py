@@ -2,14 +2,19 @@
 
 <root>/classnames.txt                               one class name per line, in label order
 <root>/zeroshot_classification_templates.txt       prompt templates with "{c}"
-<root>/test/*.tar                                   shards with an image, ".cls" label, optional ".txt"
+<root>/test/*.tar                                   shards with a ".cls" label and an image and/or
+                                                    audio, optional ".txt" caption
+<root>/dataset.json                                 optional: {"retrieval_match": "class"} when the
+                                                    items of a sample share only their class
 """
 
 from __future__ import annotations
 
+import json
 import tarfile
+from itertools import combinations
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -55,43 +60,77 @@ def check_dataset(root: str | Path) -> None:
         raise FileNotFoundError(f"evaluation dataset {root}: no shards in {root / 'test'}")
 
 
+def dataset_options(root: Path) -> Dict[str, object]:
+    """dataset.json, if present: {"retrieval_match": "sample" (default) | "class"}."""
+    path = root / "dataset.json"
+    options = json.loads(path.read_text()) if path.is_file() else {}
+    if options.get("retrieval_match", "sample") not in ("sample", "class"):
+        raise ValueError(f"{path}: retrieval_match must be 'sample' or 'class'")
+    return options
+
+
 @torch.no_grad()
 def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, device: torch.device,
-                     recall_k: Sequence[int], image_fields: Sequence[str] = ("jpg", "jpeg", "png", "webp"),
-                     progress: bool = True) -> Dict[str, object]:
+                     recall_k: Sequence[int], fields: Mapping[str, str], progress: bool = True) -> Dict[str, object]:
+    """Zero-shot classification of every non-text modality the shards hold (and the model embeds),
+    and retrieval recall@k in both directions for every pair of those modalities and captions.
+
+    `fields`: modality -> ";"-separated shard fields (the training config's data.fields).
+    Image metrics keep CLIP_benchmark's names (top1, text_retrieval_recall@k = image -> caption, ...);
+    other modalities' are prefixed ("audio_top1", "audio_to_image_recall@k").
+    """
     root = Path(root)
     classnames = read_lines(root / "classnames.txt")
     templates = read_lines(root / TEMPLATES_FILE)
     shards = sorted(str(p) for p in (root / "test").glob("*.tar"))
     if not shards:
         raise FileNotFoundError(f"no shards under {root / 'test'}")
+    by_class = dataset_options(root).get("retrieval_match") == "class"
     preprocess = model.preprocessors(train=False)
-    inputs = {"image": InputSpec("image", image_fields, preprocess["image"]),
-              "label": InputSpec("label", ["cls"], torch.tensor)}
-    with_captions = "txt" in _sample_fields(shards[0])
-    if with_captions:
-        inputs["text"] = InputSpec("text", ["txt"], preprocess["text"])
+    in_shards = _sample_fields(shards[0])
+    inputs = {"label": InputSpec("label", ["cls"], torch.tensor)}
+    for modality in model.modalities:
+        present = [f for f in fields.get(modality, "").split(";") if f in in_shards]
+        if present:
+            inputs[modality] = InputSpec(model.tower(modality).input_kind, present, preprocess[modality])
+    modalities = [m for m in inputs if m != "label"]
+    if not [m for m in modalities if m != "text"]:
+        raise ValueError(f"{root}: its shards hold none of the fields of the model's non-text towers ({fields})")
 
     model.eval()
-    image_emb, text_emb, labels, skipped = [], [], [], 0
+    embedded: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
+    labels, skipped = [], 0
     loader = build_eval_loader("::".join(shards), inputs, batch_size)
     for batch in tqdm(loader, desc=f"eval {root.name}", disable=not progress, leave=False):
-        image_emb.append(model.encode("image", batch.inputs["image"].to(device)).float().cpu())
-        if with_captions:
-            text_emb.append(model.encode("text", batch.inputs["text"].to(device)).float().cpu())
+        for m in modalities:
+            embedded[m].append(model.encode(m, batch.inputs[m].to(device)).float().cpu())
         labels.append(batch.inputs["label"])
         skipped += batch.skipped
-    images = torch.cat(image_emb)  # (N, D)
+    emb = {m: torch.cat(parts) for m, parts in embedded.items()}  # modality -> (N, D)
     targets = torch.cat(labels)  # (N,)
 
     classifier = class_embeddings(model, preprocess["text"], classnames, templates, device).float().cpu()  # (C, D)
-    logits = images @ classifier.T  # (N, D) x (D, C) -> (N, C)
-    metrics: Dict[str, object] = classification_metrics(logits, targets, len(classnames))
-    if with_captions:
-        texts = torch.cat(text_emb)  # (N, D)
-        for k, value in recall_at_k(images, texts, recall_k).items():
-            metrics[f"text_retrieval_recall@{k}"] = value  # image query -> its caption
-        for k, value in recall_at_k(texts, images, recall_k).items():
-            metrics[f"image_retrieval_recall@{k}"] = value  # caption query -> its image
-    metrics.update(dataset=root.name, samples=len(targets), classes=len(classnames), skipped=skipped)
+    metrics: Dict[str, object] = {}
+    for m in modalities:
+        if m != "text":
+            logits = emb[m] @ classifier.T  # (N, D) x (D, C) -> (N, C)
+            for name, value in classification_metrics(logits, targets, len(classnames)).items():
+                metrics[_metric_name(m, name)] = value
+    match = targets if by_class else None
+    for query, gallery in combinations(modalities, 2):
+        for q, g in ((query, gallery), (gallery, query)):
+            for k, value in recall_at_k(emb[q], emb[g], recall_k, match).items():
+                metrics[_retrieval_name(q, g, k)] = value
+    metrics.update(dataset=root.name, samples=len(targets), classes=len(classnames), skipped=skipped,
+                   retrieval_match="class" if by_class else "sample")
     return metrics
+
+
+def _metric_name(modality: str, name: str) -> str:
+    return name if modality == "image" else f"{modality}_{name}"
+
+
+def _retrieval_name(query: str, gallery: str, k: int) -> str:
+    if {query, gallery} == {"image", "text"}:  # CLIP_benchmark's names: named after what is retrieved
+        return f"{gallery}_retrieval_recall@{k}"
+    return f"{query}_to_{gallery}_recall@{k}"

@@ -3,7 +3,8 @@
 A tower is an nn.Module registered in TOWERS by name. Besides `forward(inputs) -> (B, embed_dim)` it
 declares what it reads from a shard (`input_kind`) and how a decoded value becomes its input tensor
 (`preprocess`), so the data stream is wired from the towers and a new modality needs no model edits.
-The image and text towers are open_clip's own VisionTransformer and TextTransformer.
+The image and text towers are open_clip's own VisionTransformer and TextTransformer; the audio tower
+(audio.py) is built from open_clip's transformer blocks.
 """
 
 from __future__ import annotations
@@ -29,9 +30,13 @@ TOWERS: Registry[Type["Tower"]] = Registry("tower")
 
 
 class Tower(nn.Module):
-    input_kind: str  # decoder used for this tower's shard field: "image" | "text"
+    input_kind: str  # decoder used for this tower's shard field: "image" | "text" | "audio"
 
     def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
+        raise NotImplementedError
+
+    def placeholder(self) -> torch.Tensor:
+        """The input standing in for a sample that lacks this modality (masked out of every loss)."""
         raise NotImplementedError
 
     @classmethod
@@ -82,6 +87,10 @@ class OpenClipVisionTower(OpenClipTower):
     def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
         return image_transform(self.vision_cfg.image_size, is_train=train)
 
+    def placeholder(self) -> torch.Tensor:
+        size = self.vision_cfg.image_size
+        return torch.zeros(3, *((size, size) if isinstance(size, int) else size))
+
 
 class _Tokenize:
     """Picklable str -> (context_length,) token ids, for data-loader workers."""
@@ -110,3 +119,6 @@ class OpenClipTextTower(OpenClipTower):
 
     def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
         return _Tokenize(self.text_cfg.context_length)
+
+    def placeholder(self) -> torch.Tensor:
+        return torch.zeros(self.text_cfg.context_length, dtype=torch.long)

@@ -13,6 +13,7 @@ import random
 import signal
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Dict
 
@@ -48,10 +49,13 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def stream_inputs(model: MultiEncoder, fields: Dict[str, str]) -> Dict[str, InputSpec]:
-    """What the stream must produce: one input per tower, read from the configured shard fields."""
+def stream_inputs(model: MultiEncoder, cfg: Config) -> Dict[str, InputSpec]:
+    """What the stream must produce: one input per tower, read from the configured shard fields, with a
+    placeholder for each modality a sample may lack."""
     preprocess = model.preprocessors(train=True)
-    return {m: InputSpec(model.tower(m).input_kind, fields[m].split(";"), preprocess[m]) for m in model.modalities}
+    return {m: InputSpec(model.tower(m).input_kind, cfg.data.fields[m].split(";"), preprocess[m],
+                         model.tower(m).placeholder() if m in cfg.data.optional_modalities else None)
+            for m in model.modalities}
 
 
 def seed_everything(seed: int) -> None:
@@ -120,7 +124,7 @@ def train(cfg: Config) -> RunResult:
         step, samples_seen, samples_skipped = meta["step"], meta["samples_seen"], meta["samples_skipped"]
         position = tuple(meta["data_position"][dist.rank()])
         log.info("resumed from %s at step %d", resume_from, step)
-    stream = TrainStream(cfg.data.train, stream_inputs(engine.model, cfg.data.fields), cfg.data.batch_size,
+    stream = TrainStream(cfg.data.train, stream_inputs(engine.model, cfg), cfg.data.batch_size,
                          cfg.data.workers, cfg.data.shuffle_buffer, cfg.run.seed, start=position)
 
     def save() -> Path:
@@ -143,7 +147,8 @@ def train(cfg: Config) -> RunResult:
     try:
         for batch in stream if step < cfg.run.steps else ():
             inputs = {m: x.to(device, non_blocking=True) for m, x in batch.inputs.items()}
-            metrics = train_step(engine, loss_fn, backward, inputs, autocast)
+            present = {m: batch.present[m].to(device) for m in cfg.data.optional_modalities}
+            metrics = train_step(engine, partial(loss_fn, present=present), backward, inputs, autocast)
             step += 1
             samples_seen += len(batch) * dist.world_size()
             samples_skipped += batch.skipped
@@ -208,7 +213,7 @@ def evaluate(model: MultiEncoder, cfg: Config, out_path: Path, device: torch.dev
     results = {}
     for root in cfg.eval.datasets:
         metrics = evaluate_dataset(model, root, cfg.eval.batch_size, device, cfg.eval.recall_k,
-                                   image_fields=cfg.data.fields["image"].split(";"), progress=cfg.run.progress)
+                                   cfg.data.fields, progress=cfg.run.progress)
         results[str(metrics["dataset"])] = metrics
     write_json(results, out_path)
     print(format_table(results))

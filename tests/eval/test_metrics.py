@@ -39,3 +39,17 @@ def test_recall_at_k_hand_checked():
 def test_table_lists_every_metric():
     table = format_table({"digits": {"samples": 3, "top1": 0.5, "dataset": "digits"}})
     assert "top1" in table and "50.0" in table and "digits" in table
+
+
+def test_recall_at_k_by_class_counts_any_item_of_the_query_class():
+    query = torch.eye(3)
+    # scores = gallery.T: query 0 ranks gallery 1 (its class, not its own pair) first; queries 1 and 2
+    # each find one item of another class ahead of their best class match.
+    gallery = torch.tensor([[0.5, 0.0, 0.3], [0.9, 0.0, 0.0], [0.0, 0.2, 0.1]])
+    labels = torch.tensor([0, 0, 1])
+    by_pair = recall_at_k(query, gallery, [1, 2, 3])
+    by_class = recall_at_k(query, gallery, [1, 2, 3], labels)
+    assert by_pair[1] == pytest.approx(0.0)  # no query's own pair comes first
+    assert by_class[1] == pytest.approx(1 / 3)  # query 0: gallery 1 shares its class
+    assert by_class[2] == pytest.approx(1.0)
+    assert by_pair[2] == pytest.approx(1.0) and by_pair[3] == pytest.approx(1.0)

@@ -171,3 +171,59 @@ except checkpoints.CheckpointError as error:
     assert checkpoints.latest(tmp_path).name == "step_00000001"
     assert not list((tmp_path / "checkpoints").glob(".tmp_step_*"))  # no debris
     assert not (tmp_path / "checkpoints" / "step_00000002").exists()
+
+
+def flac_tone(seconds=0.3, rate=16000):
+    import numpy as np
+    import soundfile
+
+    out = io.BytesIO()
+    soundfile.write(out, 0.3 * np.sin(np.arange(int(seconds * rate)) * 0.2), rate, format="FLAC")
+    return out.getvalue()
+
+
+def test_corrupt_audio_in_a_shard_is_skipped_and_counted(tmp_path, caplog):
+    from mmcl.data.audio import MelSettings
+    from mmcl.models.audio import AudioPreprocess, AudioSettings
+
+    good = flac_tone()
+    with ShardSetWriter(tmp_path, 100) as writer:
+        writer.write({"__key__": "ok0", "flac": good, "txt": "a tone"})
+        writer.write({"__key__": "truncated", "flac": good[:len(good) // 8], "txt": "a tone"})
+        writer.write({"__key__": "garbage", "wav": b"RIFF....WAVEfmt garbage", "txt": "a tone"})
+        writer.write({"__key__": "empty", "flac": b"", "txt": "a tone"})
+        writer.write({"__key__": "ok1", "wav": good, "txt": "a tone"})  # FLAC bytes named .wav: libsndfile sniffs
+    settings = AudioSettings(clip_seconds=0.5, n_mels=16, patch_freq=4, patch_time=4)
+    inputs = {"audio": InputSpec("audio", ["flac", "wav"], AudioPreprocess(settings, train=False))}
+    batches = list(build_eval_loader(str(tmp_path / "000000.tar"), inputs, batch_size=10))
+    assert [k.split("#")[1] for k in batches[0].keys] == ["ok0", "ok1"]
+    assert batches[0].skipped == 3
+    assert batches[0].inputs["audio"].shape == (2, 16, LogMelFrames(settings))
+    assert "truncated" in caplog.text and "unreadable audio" in caplog.text
+
+
+def LogMelFrames(settings):  # noqa: N802
+    from mmcl.data.audio import LogMel
+
+    return LogMel.frames_for(round(settings.clip_seconds * settings.sample_rate), settings.hop_length)
+
+
+def test_missing_modalities_are_skipped_when_required_and_masked_when_optional(tmp_path, digit_pngs):
+    with ShardSetWriter(tmp_path, 100) as writer:
+        writer.write({"__key__": "both", "png": digit_pngs[0][0], "txt": "a digit"})
+        writer.write({"__key__": "no_image", "txt": "a digit"})
+        writer.write({"__key__": "image_only", "png": digit_pngs[1][0]})
+        writer.write({"__key__": "clip", "flac": flac_tone(), "txt": "a digit"})
+    shard = str(tmp_path / "000000.tar")
+    text = InputSpec("text", ["txt"], lambda s: torch.tensor([len(s)]))
+    required = {"image": InputSpec("image", ["png"], lambda im: torch.ones(2)), "text": text}
+    batch = list(build_eval_loader(shard, required, batch_size=10))[0]
+    assert [k.split("#")[1] for k in batch.keys] == ["both"] and batch.skipped == 3
+    optional = {"image": InputSpec("image", ["png"], lambda im: torch.ones(2), placeholder=torch.zeros(2)),
+                "audio": InputSpec("audio", ["flac"], lambda wave: torch.full((2,), 2.0), placeholder=torch.zeros(2)),
+                "text": text}
+    batch = list(build_eval_loader(shard, optional, batch_size=10))[0]
+    # "no_image" is left with its text alone, nothing to contrast; "image_only" lacks the required text.
+    assert [k.split("#")[1] for k in batch.keys] == ["both", "clip"] and batch.skipped == 2
+    assert batch.present["image"].tolist() == [True, False] and batch.present["audio"].tolist() == [False, True]
+    assert batch.inputs["image"].tolist() == [[1, 1], [0, 0]] and batch.inputs["audio"].tolist() == [[0, 0], [2, 2]]

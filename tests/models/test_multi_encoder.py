@@ -113,3 +113,55 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     plain, checkpointed = grads(False), grads(True)
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+
+
+def three_towers() -> MultiEncoder:
+    return MultiEncoder(ModelConfig(embed_dim=32, towers={
+        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny"),
+        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+        "audio": TowerConfig(type="audio_spectrogram", preset="mmcl-tiny"),
+    }))
+
+
+def test_audio_tower_turns_a_waveform_into_an_embedding():
+    import numpy as np
+
+    model = three_towers()
+    wave = (0.3 * np.sin(np.arange(30000) * 0.05)).astype(np.float32)  # 1.4 s at 22.05 kHz
+    spectrogram = model.preprocessors(train=False)["audio"]((wave, 22050))
+    assert spectrogram.shape == model.tower("audio").placeholder().shape == (32, 61)  # 1.2 s of 20 ms frames
+    emb, _, _ = model({"audio": spectrogram[None]})
+    assert emb["audio"].shape == (1, 32)
+
+
+def test_three_towers_train_on_a_batch_with_missing_modalities():
+    """Samples hold image+text or audio+text: a forward/backward through all three towers in which the
+    placeholder rows change nothing, neither the loss nor any gradient."""
+    from mmcl.config import LossConfig
+    from mmcl.losses import build_loss
+
+    torch.manual_seed(0)
+    model = three_towers()
+    loss_fn = build_loss(LossConfig(pairs=["image-text", "audio-text"]))
+    present = {"image": torch.tensor([True, True, True, False, False, False]),
+               "audio": torch.tensor([False, False, False, True, True, True])}
+    real = {"image": torch.randn(6, 3, 32, 32), "text": torch.randint(0, 49408, (6, 16)),
+            "audio": torch.randn(6, 32, 61)}
+
+    def loss_and_grads(filler):
+        inputs = {m: torch.where(present[m].view(-1, *[1] * (x.ndim - 1)), x, filler(x)) if m in present else x
+                  for m, x in real.items()}
+        model.zero_grad()
+        out = loss_fn(*model(inputs), present=present)
+        out["loss"].backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    out, grads = loss_and_grads(torch.zeros_like)
+    other_out, other_grads = loss_and_grads(lambda x: torch.randn_like(x) * 5)
+    assert set(out) == {"loss", "image-text", "audio-text"} and torch.isfinite(out["loss"])
+    torch.testing.assert_close(out["loss"], other_out["loss"])
+    for tower in ("image", "text", "audio"):
+        assert any(n.startswith(f"towers.{tower}.") and g.abs().sum() > 0 for n, g in grads.items())
+    assert grads.keys() == other_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], other_grads[name], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,115 @@
+"""The audio tower: a spectrogram transformer (AST-style) from open_clip's own transformer blocks.
+
+waveform -> log-mel (n_mels, frames) -> non-overlapping (patch_freq, patch_time) patches -> linear
+embedding + learnt positions + a class token -> open_clip Transformer -> class token -> projection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Dict
+
+import numpy as np
+import torch
+from open_clip.transformer import LayerNorm, Transformer
+from torch import nn
+
+from mmcl.config import ConfigError, TowerConfig
+from mmcl.data.audio import LogMel, MelSettings, crop_or_pad, resample
+from mmcl.data.decode import Waveform
+from mmcl.models.towers import TOWERS, Tower
+
+
+@dataclass
+class AudioSettings(MelSettings):
+    clip_seconds: float = 1.0  # every clip is cropped or padded to this length
+    patch_freq: int = 16
+    patch_time: int = 16
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+    mlp_ratio: float = 4.0
+
+
+AUDIO_PRESETS: Dict[str, Dict[str, Any]] = {
+    # For CPU tests and the demo: 1.2 s at 16 kHz, 32 mels every 20 ms -> 4 x 15 patches.
+    "mmcl-tiny": dict(clip_seconds=1.2, n_fft=512, hop_length=320, n_mels=32, patch_freq=8, patch_time=4,
+                      width=128, layers=2, heads=4),
+    # AST-like: 10 s, 128 mels every 10 ms, 16 x 16 patches, ViT-B/16 sized.
+    "base": dict(clip_seconds=10.0, n_mels=128, width=768, layers=12, heads=12),
+}
+
+
+class AudioPreprocess:
+    """Picklable (for data-loader workers): decoded waveform -> normalised log-mel (n_mels, frames)."""
+
+    def __init__(self, settings: AudioSettings, train: bool) -> None:
+        self.settings, self.train = settings, train
+        self.log_mel = LogMel(settings)
+        self.length = round(settings.clip_seconds * settings.sample_rate)
+
+    def __call__(self, waveform: Waveform) -> torch.Tensor:
+        samples, rate = waveform
+        clip = crop_or_pad(torch.from_numpy(np.ascontiguousarray(resample(samples, rate, self.settings.sample_rate))),
+                           self.length, self.train)
+        spectrogram = self.log_mel(clip)  # (n_mels, frames)
+        # Per-clip standardisation: loudness and recording gain should not matter to the embedding.
+        return (spectrogram - spectrogram.mean()) / (spectrogram.std() + 1e-5)
+
+
+@TOWERS.register("audio_spectrogram")
+class AudioSpectrogramTower(Tower):
+    input_kind = "audio"
+
+    @classmethod
+    def settings(cls, cfg: TowerConfig, key: str = "tower") -> AudioSettings:
+        if cfg.preset and cfg.preset not in AUDIO_PRESETS:
+            raise ConfigError(f"config key '{key}.preset': unknown audio preset {cfg.preset!r}; "
+                              f"known: {', '.join(AUDIO_PRESETS)}")
+        known = {f.name for f in dataclasses.fields(AudioSettings)}
+        for name in cfg.options:
+            if name not in known:
+                raise ConfigError(f"config key '{key}.options.{name}': not a setting of AudioSettings")
+        settings = AudioSettings(**{**AUDIO_PRESETS.get(cfg.preset, {}), **cfg.options})
+        if settings.n_mels % settings.patch_freq:
+            raise ConfigError(f"config key '{key}.options': n_mels ({settings.n_mels}) is not a multiple of "
+                              f"patch_freq ({settings.patch_freq})")
+        if settings.width % settings.heads:
+            raise ConfigError(f"config key '{key}.options': width ({settings.width}) is not a multiple of "
+                              f"heads ({settings.heads})")
+        return settings
+
+    @classmethod
+    def check(cls, cfg: TowerConfig, key: str) -> None:
+        cls.settings(cfg, key)
+
+    def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
+        super().__init__()
+        s = self.audio_settings = self.settings(cfg)
+        frames = LogMel.frames_for(round(s.clip_seconds * s.sample_rate), s.hop_length)
+        self.grid = (s.n_mels // s.patch_freq, frames // s.patch_time)  # trailing frames are dropped
+        self.patch_embed = nn.Conv2d(1, s.width, (s.patch_freq, s.patch_time), (s.patch_freq, s.patch_time), bias=False)
+        scale = s.width ** -0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(s.width))
+        self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], s.width))
+        self.ln_pre = LayerNorm(s.width)
+        self.transformer = Transformer(s.width, s.layers, s.heads, s.mlp_ratio)
+        self.transformer.grad_checkpointing = cfg.grad_checkpointing
+        self.ln_post = LayerNorm(s.width)
+        self.proj = nn.Parameter(scale * torch.randn(s.width, embed_dim))
+
+    def forward(self, spectrograms: torch.Tensor) -> torch.Tensor:
+        patches = self.patch_embed(spectrograms[:, None])  # (B, 1, M, T) -> (B, W, M/pf, T/pt)
+        tokens = patches.flatten(2).transpose(1, 2)  # (B, P, W)
+        cls = self.class_embedding.expand(tokens.shape[0], 1, -1).to(tokens.dtype)  # (B, 1, W)
+        x = torch.cat([cls, tokens], dim=1) + self.positional_embedding.to(tokens.dtype)  # (B, 1 + P, W)
+        x = self.transformer(self.ln_pre(x))
+        return self.ln_post(x[:, 0]) @ self.proj  # (B, W) x (W, embed_dim)
+
+    def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
+        return AudioPreprocess(self.audio_settings, train)
+
+    def placeholder(self) -> torch.Tensor:
+        s = self.audio_settings
+        return torch.zeros(s.n_mels, LogMel.frames_for(round(s.clip_seconds * s.sample_rate), s.hop_length))
