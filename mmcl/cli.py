@@ -62,19 +62,25 @@ def _eval(args: argparse.Namespace) -> None:
 
     from mmcl import config as config_lib
     from mmcl.checkpoint import state as checkpoints
-    from mmcl.train.loop import evaluate, evaluation_model, pick_device
+    from mmcl.checkpoint.convert import open_clip_as_mmcl
+    from mmcl.eval.suite import evaluate_all
+    from mmcl.train.loop import evaluation_model, pick_device
 
-    path = _checkpoint_dir(Path(args.checkpoint))
-    cfg = config_lib.from_yaml((path / "config.yaml").read_text())
-    if args.datasets:
-        cfg.eval.datasets = args.datasets
-    if not cfg.eval.datasets:
+    if args.open_clip:  # a plain open_clip architecture + checkpoint file
+        model, cfg = open_clip_as_mmcl(args.open_clip, args.checkpoint)
+        name, out = args.open_clip, Path(args.out or f"eval-{args.open_clip}.json")
+    else:
+        path = _checkpoint_dir(Path(args.checkpoint))
+        cfg = config_lib.from_yaml((path / "config.yaml").read_text())
+        model, name, out = None, cfg.run.name, Path(args.out) if args.out else path / "eval.json"
+    datasets = args.datasets or cfg.eval.datasets
+    if not datasets:
         raise ConfigError("no datasets to evaluate: pass --datasets or set eval.datasets in the run's config")
     device = pick_device(cfg.engine.device)
-    model = evaluation_model(cfg, checkpoints.load_weights(path), device)
-    out = Path(args.out) if args.out else path / "eval.json"
+    model = model.to(device).eval() if model is not None else evaluation_model(cfg, checkpoints.load_weights(path), device)
     with torch.no_grad():
-        evaluate(model, cfg, out, device)
+        evaluate_all(model, datasets, cfg.data.fields, cfg.eval.batch_size, cfg.eval.recall_k, out, device,
+                     model_name=name, progress=not args.quiet)
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -94,7 +100,27 @@ def _convert(args: argparse.Namespace) -> None:
     from mmcl.checkpoint import convert
     from mmcl.checkpoint import state as checkpoints
 
+    if args.target == "from-hf":  # a CLIPModel directory -> mmcl weights + config (a checkpoint mmcl can eval)
+        from safetensors.torch import save_file
+
+        from mmcl.checkpoint.hf_clip import import_hf_clip
+
+        state, cfg = import_hf_clip(Path(args.checkpoint))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
+        (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
+        print(f"mmcl weights and config in {out} (evaluate with: mmcl eval {out} --datasets ...)")
+        return
     path = _checkpoint_dir(Path(args.checkpoint))
+    if args.target == "hf":
+        from mmcl.checkpoint.hf_clip import export_hf_clip
+
+        cfg = config_lib.from_yaml((path / "config.yaml").read_text())
+        out = export_hf_clip(checkpoints.load_weights(path), cfg, Path(args.out))
+        print(f"Hugging Face CLIPModel in {out}; load with:\n"
+              f"  transformers.CLIPModel.from_pretrained({str(out)!r}), CLIPTokenizer.from_pretrained({str(out)!r})")
+        return
     if args.target == "zero-fp32":
         out = convert.consolidate_zero(path, Path(args.out))
         print(f"consolidated fp32 weights: {out}")
@@ -131,15 +157,20 @@ def parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*")
     train.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="zero-shot evaluation of a checkpoint or run directory")
-    evaluate.add_argument("checkpoint")
-    evaluate.add_argument("--datasets", nargs="*", default=None)
-    evaluate.add_argument("--out", default="")
+    evaluate = commands.add_parser("eval", help="zero-shot evaluation of a checkpoint, a run directory, or an "
+                                   "open_clip checkpoint file (with --open-clip ARCHITECTURE)")
+    evaluate.add_argument("checkpoint", help="mmcl checkpoint or run directory; with --open-clip, its checkpoint file")
+    evaluate.add_argument("--datasets", nargs="*", default=None, help="dataset roots (default: the run's eval.datasets)")
+    evaluate.add_argument("--out", default="", help="results JSON (default: eval.json beside the checkpoint)")
+    evaluate.add_argument("--open-clip", default="", metavar="ARCHITECTURE",
+                          help="evaluate an open_clip model: its architecture name (e.g. ViT-B-32)")
+    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluate.set_defaults(run=_eval)
     convert = commands.add_parser("convert", help="export a checkpoint to open_clip, or consolidate ZeRO shards")
-    convert.add_argument("target", choices=["open-clip", "zero-fp32"])
-    convert.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint)")
-    convert.add_argument("--out", required=True, help="open-clip: output directory; zero-fp32: output file")
+    convert.add_argument("target", choices=["open-clip", "hf", "from-hf", "zero-fp32"])
+    convert.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint); "
+                         "from-hf: a CLIPModel directory")
+    convert.add_argument("--out", required=True, help="open-clip, hf, from-hf: output directory; zero-fp32: output file")
     convert.add_argument("--name", default="", help="open-clip: model config name (default: the run's name)")
     convert.set_defaults(run=_convert)
     return root

@@ -113,6 +113,7 @@ class EvalConfig:
     datasets: List[str] = field(default_factory=list)  # dataset roots (classnames.txt, templates, test/ shards)
     batch_size: int = 256
     recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
+    every_steps: int = 0  # also evaluate during training every N steps (0: only at the end)
 
 
 @dataclass

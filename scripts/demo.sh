@@ -16,9 +16,9 @@ import json, os
 demo = os.environ["DEMO"]
 result = json.load(open(f"runs/{demo}/eval.json"))[demo]
 print(f"\nzero-shot on {result['samples']} held-out digits (chance: 10% top-1):")
-print(f"  image top-1: {100 * result['top1']:.1f}%")
-if "audio_top1" in result:
-    print(f"  audio top-1 (voices never heard in training): {100 * result['audio_top1']:.1f}%")
+print(f"  image top-1: {100 * result['acc1']:.1f}%")
+if "audio_acc1" in result:
+    print(f"  audio top-1 (voices never heard in training): {100 * result['audio_acc1']:.1f}%")
     print(f"  image->audio R@1: {100 * result['image_to_audio_recall@1']:.1f}%, "
           f"audio->image R@1: {100 * result['audio_to_image_recall@1']:.1f}% (never paired in training)")
 PY

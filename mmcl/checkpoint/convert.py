@@ -105,3 +105,27 @@ def consolidate_zero(checkpoint: Path, out_file: Path) -> Path:
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DeepSpeedEngine.TAG)
     save_file({k: v.float().contiguous() for k, v in state.items()}, out_file)
     return Path(out_file)
+
+
+def open_clip_as_mmcl(architecture: str, checkpoint_file: str | Path) -> Tuple[torch.nn.Module, Config]:
+    """An open_clip architecture (a model config name) with a local checkpoint file, as an mmcl image-text
+    model and the config that builds it, so mmcl evaluates (or fine-tunes) it like its own models."""
+    import open_clip
+    from open_clip.factory import load_state_dict
+
+    from mmcl import config as config_lib
+    from mmcl.models import MultiEncoder
+
+    model_cfg = open_clip.get_model_config(architecture)
+    if model_cfg is None:
+        raise ValueError(f"unknown open_clip architecture {architecture!r}; see open_clip.list_models()")
+    state = load_state_dict(str(checkpoint_file), weights_only=True)  # never unpickles arbitrary objects
+    cfg = config_lib.load(None, [
+        "data.train=unused", f"run.name={architecture}", f"model.embed_dim={model_cfg['embed_dim']}",
+        "model.towers.image.type=open_clip_vision", f"model.towers.image.preset={architecture}",
+        "model.towers.text.type=open_clip_text", f"model.towers.text.preset={architecture}",
+        *(["model.init_logit_bias=0.0"] if "logit_bias" in state else [])])
+    check_open_clip_compatible(cfg)
+    model = MultiEncoder(cfg.model)
+    model.load_state_dict(from_open_clip_state(state))
+    return model, cfg

@@ -1,7 +1,7 @@
 """Streaming shards into typed batches."""
 
 from mmcl.data.batch import Batch
-from mmcl.data.pipeline import InputSpec, TrainStream, build_eval_loader
+from mmcl.data.pipeline import InputSpec, TrainStream, batches_from_samples, build_eval_loader
 from mmcl.data.shards import expand_urls, read_sizes
 
-__all__ = ["Batch", "InputSpec", "TrainStream", "build_eval_loader", "expand_urls", "read_sizes"]
+__all__ = ["Batch", "InputSpec", "TrainStream", "batches_from_samples", "build_eval_loader", "expand_urls", "read_sizes"]

@@ -194,3 +194,9 @@ def build_eval_loader(urls: str, inputs: Dict[str, InputSpec], batch_size: int, 
     """Every readable sample once, in shard order, the last batch partial."""
     pipeline = _pipeline(expand_urls(urls), inputs, batch_size, seed=0, epoch=0, shuffle_buffer=0, partial=True)
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
+
+
+def batches_from_samples(samples: Iterator[dict], inputs: Dict[str, InputSpec], batch_size: int) -> Iterator[Batch]:
+    """The decode-and-batch stage over samples that are not in shards (e.g. a folder of files), in order,
+    the last batch partial; unreadable samples are skipped and counted as in the stream."""
+    return _decode_and_batch(samples, inputs, batch_size, partial=True, skips=SkipLog())

@@ -8,15 +8,16 @@ import torch
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> Dict[str, float]:
-    """top-1, top-5 (or top-C when fewer classes) and mean per-class recall of (N, C) logits."""
+    """acc1, acc5 (top-C when fewer classes) and mean per-class recall of (N, C) logits, by
+    CLIP_benchmark's names."""
     k = min(5, num_classes)
     topk = logits.topk(k, dim=1).indices  # (N, k)
     hits = topk == labels[:, None]  # (N, k)
     top1 = hits[:, 0].float()
     recalls = [top1[labels == c].mean().item() for c in range(num_classes) if (labels == c).any()]
     return {
-        "top1": top1.mean().item(),
-        "top5": hits.any(dim=1).float().mean().item(),
+        "acc1": top1.mean().item(),
+        "acc5": hits.any(dim=1).float().mean().item(),
         "mean_per_class_recall": sum(recalls) / len(recalls),
     }
 
@@ -34,3 +35,9 @@ def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence
     # Rank = how many gallery items that are not matches score strictly higher than the best match.
     rank = ((scores > best_match) & ~matches).sum(dim=1)  # (N,)
     return {k: (rank < k).float().mean().item() for k in ks}
+
+
+def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) counts: row = true class, column = predicted (top-1) class."""
+    predicted = logits.argmax(dim=1)
+    return torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)

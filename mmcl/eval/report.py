@@ -1,4 +1,5 @@
-"""Evaluation results as JSON and as a short readable table."""
+"""Evaluation results: combined JSON, one CLIP_benchmark-style JSON per dataset, a printed table, a
+markdown table, confusion-matrix images."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 from typing import Dict, List
 
 
-def write_json(results: Dict[str, Dict[str, object]], path: Path) -> None:
+def write_json(results: Dict[str, object], path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -30,3 +31,53 @@ def format_table(results: Dict[str, Dict[str, object]]) -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def markdown_table(results: Dict[str, Dict[str, object]]) -> str:
+    """The same table as format_table, in markdown."""
+    lines = format_table(results).splitlines()
+    header, rows = lines[0].split(), [line.split() for line in lines[2:]]
+    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(out) + "\n"
+
+
+def clip_benchmark_record(metrics: Dict[str, object], model: str) -> Dict[str, object]:
+    """One dataset's result in CLIP_benchmark's JSON shape (dataset, model, task, metrics, language)."""
+    scores = {k: v for k, v in metrics.items() if isinstance(v, float)}
+    retrieval_only = not any(k.endswith("acc1") for k in scores)
+    return {"dataset": metrics.get("dataset"), "model": model, "pretrained": model,
+            "task": "zeroshot_retrieval" if retrieval_only else "zeroshot_classification",
+            "metrics": scores, "language": "en",
+            "samples": metrics.get("samples"), "skipped": metrics.get("skipped")}
+
+
+def plot_confusion(matrix, classnames: List[str], title: str, path: Path) -> None:
+    """A confusion-matrix heat map (rows: true class, columns: predicted) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.45 * len(classnames) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(classnames))
+    ax.set_xticks(ticks, classnames, rotation=90)
+    ax.set_yticks(ticks, classnames)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    if len(classnames) <= 30:
+        peak = float(matrix.max()) or 1.0
+        for i in ticks:
+            for j in ticks:
+                value = int(matrix[i][j])
+                if value:
+                    ax.text(j, i, str(value), ha="center", va="center", fontsize=7,
+                            color="white" if value > peak / 2 else "black")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from tqdm import tqdm
@@ -25,8 +25,8 @@ from mmcl import dist
 from mmcl.checkpoint import state as checkpoints
 from mmcl.config import Config
 from mmcl.data import InputSpec, TrainStream
-from mmcl.eval.report import format_table, write_json
-from mmcl.eval.zeroshot import check_dataset, evaluate_dataset
+from mmcl.eval.datasets import check_dataset
+from mmcl.eval.suite import evaluate_all
 from mmcl.losses import build_loss
 from mmcl.models import MultiEncoder
 from mmcl.train.engine import build_engine
@@ -173,6 +173,11 @@ def train(cfg: Config) -> RunResult:
                 save()
             if step >= cfg.run.steps or stopping:
                 break
+            if cfg.eval.datasets and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                results = evaluate(cfg, engine, device, run_dir / "eval_steps" / f"step_{step:08d}.json", quiet=True)
+                if metrics_log and results:
+                    metrics_log.write_eval(step, results)
+                engine.model.train()
     finally:
         progress.close()
         if metrics_log:
@@ -183,9 +188,7 @@ def train(cfg: Config) -> RunResult:
     if stopping:
         log.warning("stopped at step %d on request; resume with run.resume=latest", step)
     elif cfg.eval.datasets:
-        weights = engine.model_state()  # collective: gathers ZeRO-3 shards
-        if is_main:
-            evaluate(evaluation_model(cfg, weights, device), cfg, run_dir / "eval.json", device)
+        evaluate(cfg, engine, device, run_dir / "eval.json")
     dist.barrier()
     return RunResult(run_dir, step, stopping)
 
@@ -209,13 +212,14 @@ def evaluation_model(cfg: Config, weights: Dict[str, torch.Tensor], device: torc
     return model.to(device).eval()
 
 
-def evaluate(model: MultiEncoder, cfg: Config, out_path: Path, device: torch.device) -> Dict[str, Dict]:
-    results = {}
-    for root in cfg.eval.datasets:
-        metrics = evaluate_dataset(model, root, cfg.eval.batch_size, device, cfg.eval.recall_k,
-                                   cfg.data.fields, progress=cfg.run.progress)
-        results[str(metrics["dataset"])] = metrics
-    write_json(results, out_path)
-    print(format_table(results))
-    print(f"results written to {out_path}")
+def evaluate(cfg: Config, engine, device: torch.device, out_path: Path, quiet: bool = False) -> Optional[Dict]:
+    """Evaluate the engine's current weights on cfg.eval.datasets (process 0; collective call)."""
+    weights = engine.model_state()  # collective: gathers ZeRO-3 shards
+    results = None
+    if dist.rank() == 0:
+        with torch.random.fork_rng(devices=[]):  # building and running the copy draws nothing from the run's RNG
+            model = evaluation_model(cfg, weights, device)
+            results = evaluate_all(model, cfg.eval.datasets, cfg.data.fields, cfg.eval.batch_size, cfg.eval.recall_k,
+                                   out_path, device, model_name=cfg.run.name, progress=cfg.run.progress, quiet=quiet)
+    dist.barrier()
     return results

@@ -41,6 +41,15 @@ class MetricsLog:
             if name != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(name, value, record["step"])
 
+    def write_eval(self, step: int, results: Dict[str, Dict[str, object]]) -> None:
+        """Mid-training evaluation: eval_history.jsonl, and TensorBoard scalars eval/<dataset>/<metric>."""
+        with open(self.run_dir / "eval_history.jsonl", "a") as history:
+            history.write(json.dumps({"step": step, "results": results}) + "\n")
+        for dataset, metrics in results.items():
+            for name, value in metrics.items():
+                if isinstance(value, float):
+                    self.tensorboard.add_scalar(f"eval/{dataset}/{name}", value, step)
+
     def close(self) -> None:
         self.file.close()
         self.tensorboard.close()

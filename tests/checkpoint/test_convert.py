@@ -107,3 +107,56 @@ def test_zero3_checkpoint_from_two_processes_consolidates_to_the_trained_weights
     # and the CLI's open_clip export of the same run
     assert main(["convert", "open-clip", str(tmp_path / "z3"), "--out", str(tmp_path / "oc")]) == 0
     assert json.loads((tmp_path / "oc" / "z3.json").read_text())["embed_dim"] == 64
+
+
+def hf_ready_config():
+    """mmcl-tiny with class-token pooling: what a CLIPModel can express."""
+    return tiny_config(**{"model.towers.image.options.pool_type": "tok"})
+
+
+def test_hf_clip_export_gives_the_same_logits_and_imports_back(tmp_path):
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from mmcl.checkpoint.hf_clip import export_hf_clip, import_hf_clip
+
+    cfg = hf_ready_config()
+    torch.manual_seed(0)
+    model = MultiEncoder(cfg.model).eval()
+    with torch.no_grad():
+        model.similarity.logit_scale.fill_(3.1)
+    out = export_hf_clip(model.state_dict(), cfg, tmp_path / "hf")
+    theirs = CLIPModel.from_pretrained(out).eval()
+    tokenizer = CLIPTokenizer.from_pretrained(out)
+
+    prompts = ["a photo of the number seven", "handwritten 3", "zero", "the digit nine", "a scan of a one", "five"]
+    tokenize = model.preprocessors(train=False)["text"]
+    tokens = torch.stack([tokenize(t) for t in prompts])
+    hf_tokens = tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt").input_ids
+    eot = tokens.argmax(dim=1)  # each side's own tokenizer: the same ids up to the end of text
+    for row, end in enumerate(eot):
+        assert torch.equal(tokens[row, :end + 1], hf_tokens[row, :end + 1])
+    images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        their_logits = theirs(input_ids=hf_tokens, pixel_values=images).logits_per_image  # (6, 6)
+        torch.testing.assert_close(mmcl_logits(model, images, tokens), their_logits, atol=1e-4, rtol=0)
+
+    state, imported_cfg = import_hf_clip(out)
+    assert state.keys() == model.state_dict().keys()
+    for key, value in model.state_dict().items():
+        assert torch.equal(state[key], value), key
+    again = MultiEncoder(imported_cfg.model).eval()
+    again.load_state_dict(state)
+    with torch.no_grad():
+        torch.testing.assert_close(mmcl_logits(again, images, tokens), mmcl_logits(model, images, tokens))
+
+
+@pytest.mark.parametrize("override, key", [
+    ({}, "model.towers.image.options.pool_type"),  # mmcl-tiny pools by average
+    ({"model.towers.image.options.pool_type": "tok", "model.init_logit_bias": -10.0}, "model.init_logit_bias"),
+])
+def test_hf_export_names_what_clipmodel_cannot_express(tmp_path, override, key):
+    from mmcl.checkpoint.hf_clip import export_hf_clip
+
+    cfg = tiny_config(**override)
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        export_hf_clip(MultiEncoder(cfg.model).state_dict(), cfg, tmp_path)

@@ -41,8 +41,8 @@ def test_train_resume_and_evaluate(tmp_path, digits_root):
 
     results = json.loads((run_dir / "eval.json").read_text())["digits"]
     assert results["samples"] == 360 and results["classes"] == 10
-    assert 0 <= results["top1"] <= results["top5"] <= 1
-    assert results["top1"] > 0.5  # chance is 0.1
+    assert 0 <= results["acc1"] <= results["acc5"] <= 1
+    assert results["acc1"] > 0.5  # chance is 0.1
 
     # A fresh run must not overwrite a run that has checkpoints.
     assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 2

@@ -27,7 +27,7 @@ def test_trimodal_train_and_evaluate(tmp_path, spoken_digits_root):
 
     result = json.loads((run_dir / "eval.json").read_text())[root.name]
     assert result["samples"] == 360 and result["skipped"] == 0 and result["retrieval_match"] == "class"
-    for name in ["top1", "top5", "audio_top1", "audio_mean_per_class_recall", "text_retrieval_recall@1",
+    for name in ["acc1", "acc5", "audio_acc1", "audio_mean_per_class_recall", "text_retrieval_recall@1",
                  "image_retrieval_recall@5", "audio_to_text_recall@1", "text_to_audio_recall@1",
                  "image_to_audio_recall@1", "audio_to_image_recall@10"]:
         assert 0.0 <= result[name] <= 1.0, name

@@ -12,8 +12,8 @@ def test_classification_metrics_hand_checked():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.3, 0.6], [0.0, 0.2, 0.8], [0.1, 0.7, 0.2]])
     labels = torch.tensor([0, 1, 2, 2])
     m = classification_metrics(logits, labels, num_classes=3)
-    assert m["top1"] == pytest.approx(2 / 4)
-    assert m["top5"] == 1.0  # with 3 classes, top-5 is top-3: always hit
+    assert m["acc1"] == pytest.approx(2 / 4)
+    assert m["acc5"] == 1.0  # with 3 classes, top-5 is top-3: always hit
     # per-class recall: class0 1/1, class1 0/1, class2 1/2 -> mean 0.5
     assert m["mean_per_class_recall"] == pytest.approx((1 + 0 + 0.5) / 3)
 
@@ -21,9 +21,9 @@ def test_classification_metrics_hand_checked():
 def test_top5_misses_when_true_class_ranks_sixth():
     logits = torch.arange(10, dtype=torch.float)[None].flip(1)  # class 0 best, class 9 worst
     m = classification_metrics(logits, torch.tensor([5]), num_classes=10)
-    assert m["top1"] == 0 and m["top5"] == 0
+    assert m["acc1"] == 0 and m["acc5"] == 0
     m = classification_metrics(logits, torch.tensor([4]), num_classes=10)
-    assert m["top5"] == 1
+    assert m["acc5"] == 1
 
 
 def test_recall_at_k_hand_checked():
@@ -37,8 +37,8 @@ def test_recall_at_k_hand_checked():
 
 
 def test_table_lists_every_metric():
-    table = format_table({"digits": {"samples": 3, "top1": 0.5, "dataset": "digits"}})
-    assert "top1" in table and "50.0" in table and "digits" in table
+    table = format_table({"digits": {"samples": 3, "acc1": 0.5, "dataset": "digits"}})
+    assert "acc1" in table and "50.0" in table and "digits" in table
 
 
 def test_recall_at_k_by_class_counts_any_item_of_the_query_class():
@@ -53,3 +53,24 @@ def test_recall_at_k_by_class_counts_any_item_of_the_query_class():
     assert by_class[1] == pytest.approx(1 / 3)  # query 0: gallery 1 shares its class
     assert by_class[2] == pytest.approx(1.0)
     assert by_pair[2] == pytest.approx(1.0) and by_pair[3] == pytest.approx(1.0)
+
+
+def test_linear_probe_separates_separable_features_and_not_noise():
+    from mmcl.eval.linear_probe import linear_probe
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(200) % 4
+    centres = torch.randn(4, 16, generator=g) * 3
+    separable = centres[labels] + torch.randn(200, 16, generator=g) * 0.5
+    result = linear_probe(separable, labels)
+    assert result["acc1"] == 1.0 and result["samples_fit"] == result["samples_scored"] == 100
+    noise = linear_probe(torch.randn(200, 16, generator=g), labels)["acc1"]
+    assert noise < 0.5  # chance is 0.25
+
+
+def test_confusion_matrix_counts_predictions():
+    from mmcl.eval.metrics import confusion_matrix
+
+    logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1], [0.0, 0.1, 0.9]])
+    matrix = confusion_matrix(logits, torch.tensor([0, 1, 1, 2]), 3)  # rows: true class, columns: predicted
+    assert matrix.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]

@@ -1,0 +1,97 @@
+"""Evaluation datasets on disk, in either of two layouts, read into one shape (`EvalSet`).
+
+CLIP_benchmark's webdataset layout (what data_prep writes for the bundled sets):
+
+    <root>/classnames.txt                           one class name per line, in label order
+    <root>/zeroshot_classification_templates.txt    prompt templates with "{c}"
+    <root>/test/*.tar                               shards: ".cls" label, an image and/or audio, optional ".txt"
+    <root>/dataset.json                             optional: {"retrieval_match": "class"} when the items
+                                                    of a sample share only their class
+
+A plain folder per class (ImageNet-style): <root>/<class name>/<file>.{png,jpg,...,wav,flac,...}; the
+class names are the folder names (underscores read as spaces) unless classnames.txt gives them in
+folder order; templates come from the templates file when present, else CLIP's short ensemble.
+"""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, List, Set
+
+from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
+
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"
+DEFAULT_TEMPLATES = ["a photo of a {c}.", "a bad photo of a {c}.", "a photo of the large {c}.",
+                     "a photo of the small {c}.", "a drawing of a {c}.", "a recording of a {c}.", "{c}."]
+
+
+def read_lines(path: Path) -> List[str]:
+    return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@dataclass
+class EvalSet:
+    name: str
+    classnames: List[str]
+    templates: List[str]
+    fields: Set[str]  # the fields its samples hold ("png", "flac", "txt", ...)
+    retrieval_match: str  # "sample" or "class"
+    shards: List[str]  # empty for a folder dataset
+    folder_samples: Callable[[], Iterator[dict]]  # webdataset-style sample dicts (folder layout)
+
+
+def _first_sample_fields(shard: str) -> Set[str]:
+    with tarfile.open(shard) as tar:
+        names = [m.name for m in tar.getmembers()[:16]]
+    first = names[0].split(".", 1)[0]
+    return {n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == first}
+
+
+def _class_folders(root: Path) -> List[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith((".", "_")) and p.name != "test")
+
+
+def check_dataset(root: str | Path) -> None:
+    """Fail early, naming what is missing, when `root` is in neither layout."""
+    load_dataset(root)
+
+
+def load_dataset(root: str | Path) -> EvalSet:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"evaluation dataset {root}: no such directory")
+    options = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
+    match = options.get("retrieval_match", "sample")
+    if match not in ("sample", "class"):
+        raise ValueError(f"{root / 'dataset.json'}: retrieval_match must be 'sample' or 'class'")
+    templates = read_lines(root / TEMPLATES_FILE) if (root / TEMPLATES_FILE).is_file() else None
+    shards = sorted(str(p) for p in (root / "test").glob("*.tar"))
+    if shards:
+        for required in ("classnames.txt", TEMPLATES_FILE):
+            if not (root / required).is_file():
+                raise FileNotFoundError(f"evaluation dataset {root}: no {required}")
+        return EvalSet(root.name, read_lines(root / "classnames.txt"), templates or [], _first_sample_fields(shards[0]),
+                       match, shards, lambda: iter(()))
+    folders = _class_folders(root)
+    if not folders:
+        raise FileNotFoundError(f"evaluation dataset {root}: neither shards in {root / 'test'} nor class folders")
+    classnames = (read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file()
+                  else [f.name.replace("_", " ") for f in folders])
+    if len(classnames) != len(folders):
+        raise ValueError(f"evaluation dataset {root}: {len(classnames)} class names for {len(folders)} folders")
+    known = IMAGE_EXTENSIONS | AUDIO_EXTENSIONS
+    files = [(label, path) for label, folder in enumerate(folders) for path in sorted(folder.iterdir())
+             if path.suffix[1:].lower() in known]
+    if not files:
+        raise FileNotFoundError(f"evaluation dataset {root}: no image or audio files in its class folders")
+
+    def samples() -> Iterator[dict]:
+        for label, path in files:
+            yield {"__key__": f"{path.parent.name}/{path.stem}", "__url__": str(root),
+                   path.suffix[1:].lower(): path.read_bytes(), "cls": str(label).encode()}
+
+    fields = {path.suffix[1:].lower() for _, path in files} | {"cls"}
+    return EvalSet(root.name, classnames, templates or DEFAULT_TEMPLATES, fields, match, [], samples)

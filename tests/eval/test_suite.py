@@ -1,0 +1,153 @@
+"""The evaluation suite on real data: both dataset layouts, several datasets in one call, every report,
+agreement with open_clip's own zero-shot path, evaluation during training."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from mmcl import config as config_lib
+from mmcl.cli import main
+from mmcl.eval.suite import evaluate_all
+from mmcl.models import MultiEncoder
+
+from conftest import tiny_overrides
+
+REPO = Path(__file__).parents[2]
+FIELDS = {"image": "png", "text": "txt"}
+
+
+def tiny_model(seed=0):
+    cfg = config_lib.load(None, tiny_overrides("unused.tar"))
+    torch.manual_seed(seed)
+    return MultiEncoder(cfg.model).eval()
+
+
+def held_out_samples(root):
+    """(key, png bytes, label) of every sample in a CLIP_benchmark-layout test split."""
+    out = []
+    for shard in sorted((root / "test").glob("*.tar")):
+        fields = {}
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                fields.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        out += [(key, f["png"], int(f["cls"])) for key, f in fields.items()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def folder_root(digits_root, tmp_path_factory):
+    """The digits test split again, as a plain folder per class (class names from the folder names)."""
+    root = tmp_path_factory.mktemp("digit_folders")
+    words = (digits_root / "classnames.txt").read_text().split()
+    for key, png, label in held_out_samples(digits_root):
+        folder = root / f"{label}_{words[label]}"  # sorts in label order; "3_three" reads "3 three"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{key}.png").write_bytes(png)
+    (root / "zeroshot_classification_templates.txt").write_text(
+        (digits_root / "zeroshot_classification_templates.txt").read_text())
+    return root
+
+
+def test_folder_layout_reads_the_same_samples_as_the_shards(digits_root, folder_root, tmp_path):
+    model = tiny_model()
+    (folder_root / "classnames.txt").write_text((digits_root / "classnames.txt").read_text())
+    try:
+        results = evaluate_all(model, [str(digits_root), str(folder_root)], FIELDS, 64, [1, 5], tmp_path / "eval.json",
+                               torch.device("cpu"), progress=False, quiet=True)
+    finally:
+        (folder_root / "classnames.txt").unlink()
+    shards, folders = results[digits_root.name], results[folder_root.name]
+    assert shards["samples"] == folders["samples"] == 360
+    for name in ("acc1", "acc5", "mean_per_class_recall"):
+        assert shards[name] == pytest.approx(folders[name], abs=1e-9), name
+    # The probe's halves are drawn over the samples in reading order, which differs between layouts.
+    assert 0 <= shards["linear_probe_acc1"] <= 1 and 0 <= folders["linear_probe_acc1"] <= 1
+    assert "text_retrieval_recall@1" in shards and "text_retrieval_recall@1" not in folders  # no captions
+
+
+def test_reports_for_several_datasets(digits_root, folder_root, tmp_path):
+    evaluate_all(tiny_model(), [str(digits_root), str(folder_root)], FIELDS, 64, [1, 5], tmp_path / "eval.json",
+                 torch.device("cpu"), model_name="tiny", progress=False, quiet=True)
+    combined = json.loads((tmp_path / "eval.json").read_text())
+    assert set(combined) == {digits_root.name, folder_root.name}
+    assert json.loads((tmp_path / "eval" / f"{folder_root.name}.json").read_text())["metrics"]["acc1"] == \
+        combined[folder_root.name]["acc1"]
+    record = json.loads((tmp_path / "eval" / f"{digits_root.name}.json").read_text())
+    assert record["dataset"] == digits_root.name and record["model"] == "tiny"
+    assert record["task"] == "zeroshot_classification" and record["language"] == "en"
+    assert {"acc1", "acc5", "mean_per_class_recall", "image_retrieval_recall@5",
+            "text_retrieval_recall@5"} <= set(record["metrics"])  # CLIP_benchmark's field names
+    markdown = (tmp_path / "eval.md").read_text().splitlines()
+    assert markdown[0] == f"| metric | {digits_root.name} | {folder_root.name} |"
+    assert any(line.startswith("| acc1 |") for line in markdown)
+    for name in (digits_root.name, folder_root.name):
+        png = tmp_path / "eval" / f"{name}-image-confusion.png"
+        assert Image.open(png).size[0] > 100
+
+
+def test_folder_layout_names_classes_from_folders(tmp_path, digit_pngs):
+    from mmcl.eval.datasets import load_dataset
+
+    for png, label in digit_pngs[:6]:
+        folder = tmp_path / ("sea_lion" if label % 2 else "cat")
+        folder.mkdir(exist_ok=True)
+        (folder / f"{len(list(folder.iterdir()))}.png").write_bytes(png)
+    dataset = load_dataset(tmp_path)
+    assert dataset.classnames == ["cat", "sea lion"] and dataset.templates[0] == "a photo of a {c}."
+    assert [s["cls"] for s in dataset.folder_samples()].count(b"1") == len(list((tmp_path / "sea_lion").iterdir()))
+    with pytest.raises(FileNotFoundError, match="neither shards"):
+        load_dataset(tmp_path / "cat")
+
+
+def test_mmcl_and_open_clip_zero_shot_agree(digits_root, tmp_path):
+    """An open_clip model and checkpoint file, evaluated by `mmcl eval --open-clip` and by open_clip's own
+    zero-shot classifier on the same images: the same accuracy, from the same predictions."""
+    torch.manual_seed(3)
+    theirs = open_clip.create_model("mmcl-tiny").eval()
+    torch.save(theirs.state_dict(), tmp_path / "tiny.pt")
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(tmp_path / "tiny.pt"), "--open-clip", "mmcl-tiny", "--datasets", str(digits_root),
+                 "--out", str(out), "--quiet"]) == 0
+    ours = json.loads(out.read_text())[digits_root.name]
+
+    from open_clip.transform import image_transform
+    from open_clip.zero_shot_classifier import build_zero_shot_classifier
+
+    samples = held_out_samples(digits_root)
+    preprocess = image_transform(32, is_train=False)
+    images = torch.stack([preprocess(Image.open(io.BytesIO(png)).convert("RGB")) for _, png, _ in samples])
+    labels = torch.tensor([label for _, _, label in samples])
+    templates = (digits_root / "zeroshot_classification_templates.txt").read_text().split("\n")
+    with torch.no_grad():
+        classifier = build_zero_shot_classifier(
+            theirs, open_clip.get_tokenizer("mmcl-tiny"), (digits_root / "classnames.txt").read_text().split(),
+            [lambda c, t=t: t.replace("{c}", c) for t in templates if t], num_classes_per_batch=10)  # (D, C)
+        logits = theirs.encode_image(images, normalize=True) @ classifier
+    top5 = logits.topk(5, dim=1).indices
+    assert ours["acc1"] == pytest.approx((top5[:, 0] == labels).float().mean().item(), abs=1e-9)
+    assert ours["acc5"] == pytest.approx((top5 == labels[:, None]).any(dim=1).float().mean().item(), abs=1e-9)
+
+
+def test_evaluation_during_training_changes_nothing_in_the_run(digits_root, tmp_path):
+    def run(name, **extra):
+        overrides = tiny_overrides(f"{digits_root}/train/{{000000..000005}}.tar", **{
+            "run.output_dir": tmp_path, "run.name": name, "run.steps": 12, "eval.datasets": f"[{digits_root}]",
+            "optim.warmup_steps": 2, "model.towers.image.options.patch_dropout": 0.5, **extra})
+        assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 0
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    plain = run("plain")
+    with_eval = run("with_eval", **{"eval.every_steps": 5})
+    assert plain == with_eval  # bitwise: evaluation draws nothing from the run's RNG
+    run_dir = tmp_path / "with_eval"
+    assert sorted(p.name for p in (run_dir / "eval_steps").glob("*.json")) == ["step_00000005.json", "step_00000010.json"]
+    history = [json.loads(line) for line in (run_dir / "eval_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [5, 10] and "acc1" in history[0]["results"]["digits"]
+    assert (run_dir / "eval.json").is_file()  # and the final evaluation
