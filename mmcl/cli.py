@@ -33,6 +33,15 @@ def _prep(args: argparse.Namespace) -> None:
               f"with clips of {summary['test_clips'] // 30} held-out voices")
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
         return
+    if args.source == "openclipart":
+        from data_prep.openclipart import prepare_openclipart
+
+        summary = prepare_openclipart(args.out, args.limit, args.image_size, args.test_fraction, args.seed,
+                                      samples_per_shard=args.samples_per_shard)
+        print(f"open clip art: {sum(summary['train'].values())} training and {sum(summary['test'].values())} held-out "
+              f"drawings in {summary['classes']} categories; {summary['rejected']} rejected (see _stats.json)")
+        print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
+        return
     if args.source == "folder":
         pairs = folder_pairs(Path(args.input))
     else:
@@ -138,7 +147,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prep", help="write webdataset shards")
-    prep.add_argument("source", choices=["digits", "spoken-digits", "folder", "manifest"])
+    prep.add_argument("source", choices=["digits", "spoken-digits", "openclipart", "folder", "manifest"])
     prep.add_argument("input", nargs="?", help="folder or manifest (.csv/.jsonl/.parquet); not for the bundled sets")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--samples-per-shard", type=int, default=1000)
@@ -147,6 +156,8 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--key-column", default="key")
     prep.add_argument("--captions-per-image", type=int, default=None,
                       help="digits (default 4), spoken-digits (default 2): training samples per image")
+    prep.add_argument("--limit", type=int, default=0, help="openclipart: at most this many drawings (0: all)")
+    prep.add_argument("--image-size", type=int, default=64, help="openclipart: rendered PNG size")
     prep.add_argument("--clips-per-voice", type=int, default=3, help="spoken-digits: clips per voice and digit")
     prep.add_argument("--test-fraction", type=float, default=0.2, help="digits: held-out share")
     prep.add_argument("--seed", type=int, default=0)

@@ -3,15 +3,22 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV="${MMCL_VENV:-.venv}"
-# The one system package: the text-to-speech engine that `mmcl prep spoken-digits` speaks digits with.
-if ! command -v espeak-ng >/dev/null; then
+# System packages for the bundled real sets: espeak-ng speaks the spoken digits; the Open Clip Art
+# Library's drawings (SVG, with their authors' titles and keywords) and librsvg's rasteriser.
+missing=""
+command -v espeak-ng >/dev/null || missing="$missing espeak-ng"
+command -v rsvg-convert >/dev/null || missing="$missing librsvg2-bin"
+[ -d /usr/share/openclipart/svg ] || missing="$missing openclipart-svg"
+if [ -n "$missing" ]; then
     if [ "$(id -u)" = 0 ]; then
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null 2>&1 \
-            || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; }
+        # shellcheck disable=SC2086
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null 2>&1 \
+            || { apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null; }
     else
-        echo "note: espeak-ng is missing (needed by 'mmcl prep spoken-digits'): sudo apt-get install espeak-ng" >&2
+        echo "note: missing system packages (for 'mmcl prep spoken-digits' / 'openclipart'): sudo apt-get install$missing" >&2
     fi
 fi
+
 if [ ! -x "$VENV/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$VENV"
 fi

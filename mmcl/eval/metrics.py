@@ -25,16 +25,20 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
 def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence[int],
                 labels: Optional[torch.Tensor] = None) -> Dict[int, float]:
     """Fraction of queries with a match within the top k of the gallery. A match is the query's own
-    pair (same row index), or, given `labels` (N,), any gallery item of the query's label."""
+    pair (same row index), or, given `labels` (N,), any gallery item of the query's label.
+
+    Ties are broken at random, in expectation: with `a` non-matches scoring above the best match and
+    `t` scoring the same, the match lands at each of ranks a..a+t alike, so the hit probability is
+    clamp((k - a) / (t + 1), 0, 1). (Counting ties as wins would reward duplicate captions.)"""
     scores = query_emb @ gallery_emb.T  # (N, D) x (D, N) -> (N, N)
     if labels is None:
         matches = torch.eye(len(scores), dtype=torch.bool)
     else:
         matches = labels[:, None] == labels[None, :]  # (N, N)
     best_match = scores.masked_fill(~matches, float("-inf")).max(dim=1, keepdim=True).values  # (N, 1)
-    # Rank = how many gallery items that are not matches score strictly higher than the best match.
-    rank = ((scores > best_match) & ~matches).sum(dim=1)  # (N,)
-    return {k: (rank < k).float().mean().item() for k in ks}
+    ahead = ((scores > best_match) & ~matches).sum(dim=1).float()  # (N,)
+    tied = ((scores == best_match) & ~matches).sum(dim=1).float()  # (N,)
+    return {k: ((k - ahead) / (tied + 1)).clamp(0, 1).mean().item() for k in ks}
 
 
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
