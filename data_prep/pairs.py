@@ -1,9 +1,11 @@
-"""Image + caption pairs from a folder or a CSV/JSONL/parquet manifest -> shards.
+"""Image and/or audio + caption samples from a folder or a CSV/JSONL/parquet manifest -> shards.
 
-Folder: every image file with a caption file of the same stem beside it (`cat.jpg` + `cat.txt`).
-Manifest: one row per sample with an image path (relative to the manifest's folder unless absolute)
-and a caption (and an optional key column). Rows whose image is missing, unreadable, outside the root, or whose caption is empty,
-and duplicate keys, are reported in _stats.json and not written.
+Folder: every image or audio file with a caption file of the same stem beside it (`cat.jpg` + `cat.txt`;
+`cat.jpg`, `cat.flac` and `cat.txt` make one sample holding both).
+Manifest: one row per sample with an image path and/or an audio path (relative to the manifest's
+folder unless absolute) and a caption (and an optional key column). Rows whose media file is missing,
+unreadable, outside the root, or whose caption is empty, and duplicate keys, are reported in
+_stats.json and not written.
 """
 
 from __future__ import annotations
@@ -18,9 +20,11 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep.writer import ShardSetWriter
-from mmcl.data.decode import IMAGE_EXTENSIONS
+from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, SampleError, decode_audio
 
-Pair = Tuple[str, str, Optional[Path], str]  # (source description, sample key, image path or None, caption)
+Media = Dict[str, Optional[Path]]  # "image" / "audio" -> file, or None when it lies outside the root
+Pair = Tuple[str, str, Media, str]  # (source description, sample key, media files, caption)
+KINDS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS}
 
 
 def sample_key(text: str) -> str:
@@ -28,12 +32,20 @@ def sample_key(text: str) -> str:
     return text.replace("/", "__").replace(".", "_")
 
 
+def _kind(path: Path) -> Optional[str]:
+    extension = path.suffix.lower().lstrip(".")
+    return next((kind for kind, extensions in KINDS.items() if extension in extensions), None)
+
+
 def folder_pairs(root: Path) -> Iterator[Pair]:
-    for image in sorted(p for p in root.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTENSIONS):
-        caption_file = image.with_suffix(".txt")
+    by_stem: Dict[Path, Media] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file() and _kind(p)):
+        by_stem.setdefault(path.with_suffix(""), {}).setdefault(_kind(path), path)  # type: ignore[arg-type]
+    for stem, media in by_stem.items():
+        caption_file = Path(str(stem) + ".txt")  # "x.y.png" -> "x.y.txt"
         text = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
-        relative = str(image.relative_to(root))
-        yield relative, sample_key(str(image.relative_to(root).with_suffix(""))), image, text
+        relative = stem.relative_to(root)
+        yield ", ".join(str(p.relative_to(root)) for p in media.values() if p), sample_key(str(relative)), media, text
 
 
 def manifest_rows(manifest: Path) -> Iterator[Dict[str, object]]:
@@ -53,20 +65,31 @@ def manifest_rows(manifest: Path) -> Iterator[Dict[str, object]]:
 
 
 def manifest_pairs(manifest: Path, image_column: str = "image", caption_column: str = "caption",
-                   key_column: str = "key") -> Iterator[Pair]:
+                   key_column: str = "key", audio_column: str = "audio") -> Iterator[Pair]:
     root = manifest.parent.resolve()
     for number, row in enumerate(manifest_rows(manifest), start=1):
         source = f"{manifest.name}:{number}"
-        if image_column not in row or caption_column not in row:
-            raise KeyError(f"{source}: manifest needs columns {image_column!r} and {caption_column!r}, has {sorted(row)}")
-        path = (root / str(row[image_column])).resolve()
-        inside = root in path.parents
+        columns = {kind: column for kind, column in (("image", image_column), ("audio", audio_column)) if column in row}
+        if caption_column not in row or not columns:
+            raise KeyError(f"{source}: manifest needs a caption column {caption_column!r} and an {image_column!r} "
+                           f"and/or {audio_column!r} column, has {sorted(row)}")
+        media: Media = {}
+        for kind, column in columns.items():
+            if row[column] not in (None, ""):
+                path = (root / str(row[column])).resolve()
+                media[kind] = path if root in path.parents else None
         key = sample_key(str(row[key_column])) if row.get(key_column) not in (None, "") else f"{number:09d}"
-        yield source, key, path if inside else None, str(row[caption_column] or "").strip()
+        yield source, key, media, str(row[caption_column] or "").strip()
 
 
-def _check_image(path: Path) -> Optional[str]:
-    """None if Pillow can read the file, else why not."""
+def _check(kind: str, path: Path) -> Optional[str]:
+    """None if the file decodes as `kind`, else why not."""
+    if kind == "audio":
+        try:
+            decode_audio(path.read_bytes())
+            return None
+        except SampleError as error:
+            return str(error)
     try:
         with Image.open(path) as image:
             image.verify()
@@ -75,26 +98,35 @@ def _check_image(path: Path) -> Optional[str]:
         return f"unreadable image: {error}"
 
 
+def _problem(key: str, media: Media, text: str, writer: ShardSetWriter) -> Optional[str]:
+    if writer.has_key(key):
+        return f"duplicate key {key!r}"
+    if not media:
+        return "no image or audio"
+    for kind, path in media.items():
+        if path is None:
+            return f"{kind} path is outside the manifest's folder"
+        if not path.exists():
+            return f"missing {kind} {path}"
+    if not text:
+        return "empty caption"
+    for kind, path in media.items():
+        problem = _check(kind, path)  # type: ignore[arg-type]
+        if problem:
+            return problem
+    return None
+
+
 def write_pairs(pairs: Iterator[Pair], out_dir: str | Path, samples_per_shard: int = 1000,
                 progress: bool = True) -> Dict[str, object]:
     with ShardSetWriter(out_dir, samples_per_shard) as writer:
-        for source, key, path, text in tqdm(pairs, desc="prep", unit=" samples", disable=not progress):
-            if writer.has_key(key):
-                writer.reject(source, f"duplicate key {key!r}")
-                continue
-            if path is None:
-                writer.reject(source, "image path is outside the manifest's folder")
-                continue
-            if not path.exists():
-                writer.reject(source, f"missing image {path}")
-                continue
-            if not text:
-                writer.reject(source, "empty caption")
-                continue
-            problem = _check_image(path)
+        for source, key, media, text in tqdm(pairs, desc="prep", unit=" samples", disable=not progress):
+            problem = _problem(key, media, text, writer)
             if problem:
                 writer.reject(source, problem)
                 continue
-            extension = path.suffix.lower().lstrip(".")
-            writer.write({"__key__": key, extension: path.read_bytes(), "txt": text})
+            sample: Dict[str, object] = {"__key__": key, "txt": text}
+            for path in media.values():
+                sample[path.suffix.lower().lstrip(".")] = path.read_bytes()  # type: ignore[union-attr]
+            writer.write(sample)
     return writer.stats

@@ -45,7 +45,8 @@ def _prep(args: argparse.Namespace) -> None:
     if args.source == "folder":
         pairs = folder_pairs(Path(args.input))
     else:
-        pairs = manifest_pairs(Path(args.input), args.image_column, args.caption_column, args.key_column)
+        pairs = manifest_pairs(Path(args.input), args.image_column, args.caption_column, args.key_column,
+                               args.audio_column)
     stats = write_pairs(pairs, args.out, args.samples_per_shard)
     print(f"wrote {stats['samples']} samples in {stats['shards']} shards; rejected {stats['rejected']} "
           f"(see {Path(args.out) / '_stats.json'})")
@@ -153,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--samples-per-shard", type=int, default=1000)
     prep.add_argument("--image-column", default="image")
     prep.add_argument("--caption-column", default="caption")
+    prep.add_argument("--audio-column", default="audio")
     prep.add_argument("--key-column", default="key")
     prep.add_argument("--captions-per-image", type=int, default=None,
                       help="digits (default 4), spoken-digits (default 2): training samples per image")

@@ -66,6 +66,9 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
     init_logit_bias: Optional[float] = None  # a learnable logit bias (SigLIP: -10), or none
+    # Start from these weights (a fresh run only): an mmcl checkpoint directory, a Hugging Face CLIPModel
+    # directory, or an open_clip checkpoint file (.pt/.bin/.safetensors). Towers it lacks start fresh.
+    init_from: str = ""
 
 
 @dataclass
@@ -180,6 +183,8 @@ def check(config: Config) -> None:
         TOWERS.get(tower.type).check(tower, key)
         if modality not in config.data.fields:
             raise ConfigError(f"config key 'data.fields': no shard field given for tower modality {modality!r}")
+    if config.model.init_from and not Path(config.model.init_from).exists():
+        raise ConfigError(f"config key 'model.init_from': {config.model.init_from} does not exist")
     for key, value in (("data.batch_size", config.data.batch_size), ("run.steps", config.run.steps),
                        ("model.embed_dim", config.model.embed_dim), ("run.keep_last", config.run.keep_last)):
         if value < 1:

@@ -23,6 +23,7 @@ from tqdm import tqdm
 from mmcl import config as config_lib
 from mmcl import dist
 from mmcl.checkpoint import state as checkpoints
+from mmcl.checkpoint.convert import load_initial_weights
 from mmcl.config import Config
 from mmcl.data import InputSpec, TrainStream
 from mmcl.eval.datasets import check_dataset
@@ -114,7 +115,12 @@ def train(cfg: Config) -> RunResult:
     seed_everything(cfg.run.seed)  # identical initial weights on every process
     device = pick_device(cfg.engine.device)
 
-    model = MultiEncoder(cfg.model).to(device)
+    model = MultiEncoder(cfg.model)
+    if cfg.model.init_from and resume_from is None:
+        fresh = load_initial_weights(model, cfg.model.init_from)
+        log.info("initialised from %s%s", cfg.model.init_from,
+                 f"; {len(fresh)} parameters start fresh, e.g. {fresh[:3]}" if fresh else "")
+    model = model.to(device)
     loss_fn = build_loss(cfg.loss)
     backward = build_backward(cfg.engine.grad_cache)
     engine = build_engine(model, cfg, micro_steps(backward, model.modalities, cfg.data.batch_size), device)

@@ -2,6 +2,7 @@
 consolidate (by DeepSpeed's tool) to the weights the training processes held."""
 
 import json
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -19,6 +20,8 @@ from mmcl.train.loop import train
 
 from conftest import tiny_overrides
 from launch import launch
+
+REPO = Path(__file__).parents[2]
 
 
 def tiny_config(**extra):
@@ -160,3 +163,36 @@ def test_hf_export_names_what_clipmodel_cannot_express(tmp_path, override, key):
     cfg = tiny_config(**override)
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         export_hf_clip(MultiEncoder(cfg.model).state_dict(), cfg, tmp_path)
+
+
+def test_training_starts_from_an_open_clip_checkpoint(tmp_path, digits_root):
+    torch.manual_seed(5)
+    theirs = open_clip.create_model("mmcl-tiny")
+    torch.save(theirs.state_dict(), tmp_path / "start.pt")
+    overrides = tiny_overrides(f"{digits_root}/train/000000.tar", **{
+        "run.output_dir": tmp_path, "run.name": "init", "run.steps": 1, "optim.lr": 0.0,
+        "model.embed_dim": 128, "model.init_from": tmp_path / "start.pt"})
+    assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 0
+    trained = load_file(checkpoints.latest(tmp_path / "init") / "model.safetensors")
+    expected = convert.from_open_clip_state(theirs.state_dict())
+    for key, value in expected.items():  # lr 0: the run's weights are the checkpoint's
+        torch.testing.assert_close(trained[key], value, rtol=0, atol=0)
+
+    wrong = tiny_overrides(f"{digits_root}/train/000000.tar", **{
+        "run.output_dir": tmp_path, "run.name": "wrong", "model.init_from": tmp_path / "start.pt"})  # embed_dim 64
+    assert main(["train", str(REPO / "configs/digits.yaml"), *wrong]) == 2
+
+
+def test_initial_weights_leave_missing_towers_fresh(tmp_path):
+    from mmcl.config import ModelConfig, TowerConfig
+
+    image_text = MultiEncoder(tiny_config().model)
+    torch.save(convert.to_open_clip_state(image_text.state_dict()), tmp_path / "it.pt")
+    three = MultiEncoder(ModelConfig(embed_dim=64, towers={
+        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", options={"patch_dropout": 0.0}),
+        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+        "audio": TowerConfig(type="audio_spectrogram", preset="mmcl-tiny")}))
+    fresh = convert.load_initial_weights(three, tmp_path / "it.pt")
+    assert fresh and all(k.startswith("towers.audio.") for k in fresh)
+    for key, value in image_text.state_dict().items():
+        assert torch.equal(three.state_dict()[key], value)

@@ -96,3 +96,54 @@ def test_folder_with_sidecar_captions(tmp_path, image_root):
     assert stats["samples"] == 4  # d0..d2 and sub/x.y; d3, d4 lack captions; broken.png is unreadable
     assert stats["rejected"] == 3
     assert sorted(read_keys_and_captions(out)) == ["d0", "d1", "d2", "sub__x_y"]
+
+
+def audio_bytes(fmt="WAV", seconds=0.2):
+    import io
+
+    import numpy as np
+    import soundfile
+
+    out = io.BytesIO()
+    soundfile.write(out, 0.3 * np.sin(np.arange(int(16000 * seconds)) * 0.1), 16000, format=fmt)
+    return out.getvalue()
+
+
+def shard_fields(out):
+    import tarfile
+
+    fields = {}
+    with tarfile.open(out / "000000.tar") as tar:
+        for name in tar.getnames():
+            key, ext = name.split(".", 1)
+            fields.setdefault(key, set()).add(ext)
+    return fields
+
+
+def test_manifest_with_audio_and_images(tmp_path, image_root):
+    (image_root / "hello.wav").write_bytes(audio_bytes())
+    (image_root / "hello.flac").write_bytes(audio_bytes("FLAC"))
+    (image_root / "bad.wav").write_bytes(b"RIFF not really audio")
+    rows = [
+        {"key": "both", "image": "d0.png", "audio": "hello.flac", "caption": "a zero, said aloud"},
+        {"key": "sound", "image": "", "audio": "hello.wav", "caption": "hello"},
+        {"key": "picture", "image": "d1.png", "audio": "", "caption": "a one"},
+        {"key": "corrupt", "image": "", "audio": "bad.wav", "caption": "noise"},
+        {"key": "neither", "image": "", "audio": "", "caption": "nothing"},
+    ]
+    manifest = image_root / "media.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "shards"
+    stats = write_pairs(manifest_pairs(manifest), out, progress=False)
+    assert shard_fields(out) == {"both": {"png", "flac", "txt"}, "sound": {"wav", "txt"}, "picture": {"png", "txt"}}
+    reasons = {r["source"]: r["reason"] for r in stats["rejected_inputs"]}
+    assert "unreadable audio" in reasons["media.jsonl:4"] and reasons["media.jsonl:5"] == "no image or audio"
+
+
+def test_folder_with_audio(tmp_path):
+    (tmp_path / "bird.ogg").write_bytes(audio_bytes("OGG"))
+    (tmp_path / "bird.txt").write_text("a bird sings")
+    (tmp_path / "dog.flac").write_bytes(audio_bytes("FLAC"))  # no caption: rejected
+    stats = write_pairs(folder_pairs(tmp_path), tmp_path / "shards", progress=False)
+    assert shard_fields(tmp_path / "shards") == {"bird": {"ogg", "txt"}}
+    assert stats["rejected_inputs"] == [{"source": "dog.flac", "reason": "empty caption"}]
