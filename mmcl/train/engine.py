@@ -123,14 +123,19 @@ class DeepSpeedEngine:
             # before its step consumes them.
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
             self._grad_norm = torch.nn.utils.get_total_norm(grads).item()
+            if not math.isfinite(self._grad_norm):
+                # ZeRO 1-3 discard a step with a NaN/Inf gradient norm themselves; without ZeRO, drop
+                # the (all-reduced, so identical everywhere) gradients: the optimiser then skips every
+                # parameter, as the torch engine does.
+                for param in self.engine.module.parameters():
+                    param.grad = None
         self.engine.step()  # a no-op until the last micro-step of the batch
 
     def step(self) -> Dict[str, float]:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
-        # DeepSpeed applies its own overflow handling (bf16/fp16); fp32 updates are not skipped here,
-        # but the loop still counts the step and stops a run that keeps producing them.
+        # A NaN/Inf gradient norm means the update was skipped (by ZeRO's overflow check, or above).
         return {"grad_norm": float(grad_norm), "nonfinite": float(not math.isfinite(float(grad_norm))),
                 "lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan")}
 

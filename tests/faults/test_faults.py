@@ -227,3 +227,28 @@ def test_missing_modalities_are_skipped_when_required_and_masked_when_optional(t
     assert [k.split("#")[1] for k in batch.keys] == ["both", "clip"] and batch.skipped == 2
     assert batch.present["image"].tolist() == [True, False] and batch.present["audio"].tolist() == [False, True]
     assert batch.inputs["image"].tolist() == [[1, 1], [0, 0]] and batch.inputs["audio"].tolist() == [[0, 0], [2, 2]]
+
+
+def nonfinite_deepspeed_worker(rank, world, stage, out):
+    from mmcl.train.engine import DeepSpeedEngine
+
+    cfg = tiny_config(**{"engine.backend": "deepspeed", "engine.zero_stage": stage, "engine.device": "cpu"})
+    engine = DeepSpeedEngine(MultiEncoder(cfg.model), cfg, 1, torch.device("cpu"))
+    before = {k: v.clone() for k, v in engine.model_state().items()}
+    images = torch.randn(4, 3, 32, 32)
+    images[0, 0, 0, 0] = float("nan")
+    embeddings, scale, _ = engine.forward({"image": images, "text": torch.randint(1, 999, (4, 16))})
+    engine.backward((scale * embeddings["image"] @ embeddings["text"].T).logsumexp(1).sum())
+    result = engine.step()
+    after = engine.model_state()
+    torch.save({"result": result, "changed": [k for k in before if not torch.equal(after[k], before[k])]}, out)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_nonfinite_gradients_skip_the_update_under_deepspeed(tmp_path, stage):
+    from launch import launch
+
+    launch(nonfinite_deepspeed_worker, 1, stage, str(tmp_path / "out.pt"))
+    out = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert out["result"]["nonfinite"] == 1.0
+    assert out["changed"] == []  # no NaN reached the weights, and no optimiser step moved them
