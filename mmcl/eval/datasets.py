@@ -8,6 +8,9 @@ CLIP_benchmark's webdataset layout (what data_prep writes for the bundled sets):
     <root>/dataset.json                             optional: {"retrieval_match": "class"} when the items
                                                     of a sample share only their class
 
+An mmcl shard set as data_prep writes it from folders and manifests (<root>/*.tar + sizes.json, no
+classes): retrieval between the modalities its samples hold (images or audio and captions).
+
 A plain folder per class (ImageNet-style): <root>/<class name>/<file>.{png,jpg,...,wav,flac,...}; the
 class names are the folder names (underscores read as spaces) unless classnames.txt gives them in
 folder order; templates come from the templates file when present, else CLIP's short ensemble.
@@ -75,9 +78,17 @@ def load_dataset(root: str | Path) -> EvalSet:
                 raise FileNotFoundError(f"evaluation dataset {root}: no {required}")
         return EvalSet(root.name, read_lines(root / "classnames.txt"), templates or [], _first_sample_fields(shards[0]),
                        match, shards, lambda: iter(()))
+    own_shards = sorted(str(p) for p in root.glob("*.tar"))
+    if own_shards:
+        if match == "class":
+            raise ValueError(f"{root}: retrieval_match 'class' needs class labels, which a plain shard set lacks")
+        classnames = read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file() else []
+        return EvalSet(root.name, classnames, templates or DEFAULT_TEMPLATES, _first_sample_fields(own_shards[0]),
+                       match, own_shards, lambda: iter(()))
     folders = _class_folders(root)
     if not folders:
-        raise FileNotFoundError(f"evaluation dataset {root}: neither shards in {root / 'test'} nor class folders")
+        raise FileNotFoundError(f"evaluation dataset {root}: neither shards (in {root / 'test'} or {root}) "
+                                "nor class folders")
     classnames = (read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file()
                   else [f.name.replace("_", " ") for f in folders])
     if len(classnames) != len(folders):

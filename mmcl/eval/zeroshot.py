@@ -50,17 +50,17 @@ def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, dev
     other modalities' are prefixed ("audio_acc1", "audio_to_image_recall@k").
     """
     dataset = load_dataset(root)
-    classnames, by_class = dataset.classnames, dataset.retrieval_match == "class"
     preprocess = model.preprocessors(train=False)
-    in_shards = dataset.fields
-    inputs = {"label": InputSpec("label", ["cls"], torch.tensor)}
+    classify = bool(dataset.classnames)  # a plain mmcl shard set has captions but no classes
+    inputs = {"label": InputSpec("label", ["cls"], torch.tensor)} if classify else {}
     for modality in model.modalities:
-        present = [f for f in fields.get(modality, "").split(";") if f in in_shards]
+        present = [f for f in fields.get(modality, "").split(";") if f in dataset.fields]
         if present:
             inputs[modality] = InputSpec(model.tower(modality).input_kind, present, preprocess[modality])
     modalities = [m for m in inputs if m != "label"]
-    if not [m for m in modalities if m != "text"]:
-        raise ValueError(f"{root}: its samples hold none of the fields of the model's non-text towers ({fields})")
+    if not [m for m in modalities if m != "text"] or (not classify and len(modalities) < 2):
+        raise ValueError(f"{root}: nothing to evaluate: its samples hold {sorted(dataset.fields)}, the model's "
+                         f"towers read {dict(fields)}{'' if classify else ', and it has no classnames.txt'}")
 
     model.eval()
     embedded: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
@@ -72,30 +72,33 @@ def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, dev
     for batch in tqdm(loader, desc=f"eval {dataset.name}", disable=not progress, leave=False):
         for m in modalities:
             embedded[m].append(model.encode(m, batch.inputs[m].to(device)).float().cpu())
-        labels.append(batch.inputs["label"])
+        if classify:
+            labels.append(batch.inputs["label"])
         skipped += batch.skipped
     emb = {m: torch.cat(parts) for m, parts in embedded.items()}  # modality -> (N, D)
-    targets = torch.cat(labels)  # (N,)
+    targets = torch.cat(labels) if classify else None  # (N,)
 
-    classifier = class_embeddings(model, preprocess["text"], classnames, dataset.templates, device).float().cpu()  # (C, D)
     metrics: Dict[str, object] = {}
     confusion: Dict[str, torch.Tensor] = {}
-    for m in modalities:
-        if m != "text":
-            logits = emb[m] @ classifier.T  # (N, D) x (D, C) -> (N, C)
-            for name, value in classification_metrics(logits, targets, len(classnames)).items():
-                metrics[_metric_name(m, name)] = value
-            confusion[m] = confusion_matrix(logits, targets, len(classnames))
-            if probe:
-                metrics[_metric_name(m, "linear_probe_acc1")] = linear_probe(emb[m], targets)["acc1"]
-    match = targets if by_class else None
+    if targets is not None:
+        classifier = class_embeddings(model, preprocess["text"], dataset.classnames, dataset.templates,
+                                      device).float().cpu()  # (C, D)
+        for m in modalities:
+            if m != "text":
+                logits = emb[m] @ classifier.T  # (N, D) x (D, C) -> (N, C)
+                for name, value in classification_metrics(logits, targets, len(dataset.classnames)).items():
+                    metrics[_metric_name(m, name)] = value
+                confusion[m] = confusion_matrix(logits, targets, len(dataset.classnames))
+                if probe:
+                    metrics[_metric_name(m, "linear_probe_acc1")] = linear_probe(emb[m], targets)["acc1"]
+    match = targets if dataset.retrieval_match == "class" else None
     for query, gallery in combinations(modalities, 2):
         for q, g in ((query, gallery), (gallery, query)):
             for k, value in recall_at_k(emb[q], emb[g], recall_k, match).items():
                 metrics[_retrieval_name(q, g, k)] = value
-    metrics.update(dataset=dataset.name, samples=len(targets), classes=len(classnames), skipped=skipped,
-                   retrieval_match=dataset.retrieval_match)
-    return DatasetResult(metrics, classnames, confusion)
+    metrics.update(dataset=dataset.name, samples=len(next(iter(emb.values()))), classes=len(dataset.classnames),
+                   skipped=skipped, retrieval_match=dataset.retrieval_match)
+    return DatasetResult(metrics, dataset.classnames, confusion)
 
 
 def _metric_name(modality: str, name: str) -> str:

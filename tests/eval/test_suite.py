@@ -151,3 +151,21 @@ def test_evaluation_during_training_changes_nothing_in_the_run(digits_root, tmp_
     history = [json.loads(line) for line in (run_dir / "eval_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [5, 10] and "acc1" in history[0]["results"]["digits"]
     assert (run_dir / "eval.json").is_file()  # and the final evaluation
+
+
+def test_plain_shard_set_from_data_prep_is_evaluated_by_retrieval(tmp_path, digit_pngs):
+    from data_prep.pairs import folder_pairs, write_pairs
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    source = tmp_path / "raw"
+    source.mkdir()
+    for i, (png, label) in enumerate(digit_pngs[:24]):
+        (source / f"d{i}.png").write_bytes(png)
+        (source / f"d{i}.txt").write_text(f"a handwritten {words[label]}")
+    write_pairs(folder_pairs(source), tmp_path / "shards", progress=False)
+    results = evaluate_all(tiny_model(), [str(tmp_path / "shards")], FIELDS, 8, [1, 5], tmp_path / "eval.json",
+                           torch.device("cpu"), progress=False, quiet=True)["shards"]
+    assert results["samples"] == 24 and results["classes"] == 0 and "acc1" not in results
+    assert 0 <= results["text_retrieval_recall@1"] <= results["text_retrieval_recall@5"] <= 1
+    record = json.loads((tmp_path / "eval" / "shards.json").read_text())
+    assert record["task"] == "zeroshot_retrieval"
