@@ -131,4 +131,5 @@ def prepare_spoken_digits(out_dir: str | Path, clips_per_voice: int = 3, caption
     (out_dir / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     (out_dir / "dataset.json").write_text(json.dumps({"retrieval_match": "class"}, indent=1) + "\n")
     return {"train": train.sizes, "test": test.sizes, "train_clips": len(train_speech),
-            "test_clips": len(test_speech), "train_images": len(train_idx), "test_images": len(test_idx)}
+            "test_clips": len(test_speech), "train_images": len(train_idx), "test_images": len(test_idx),
+            "test_voices": len({u.voice for u in test_speech})}

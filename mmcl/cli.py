@@ -30,7 +30,7 @@ def _prep(args: argparse.Namespace) -> None:
                                         args.samples_per_shard, args.test_fraction, args.seed)
         print(f"spoken digits: {summary['train_images']} training images and {summary['train_clips']} clips "
               f"({sum(summary['train'].values())} samples); {summary['test_images']} held-out images paired "
-              f"with clips of {summary['test_clips'] // 30} held-out voices")
+              f"with clips of {summary['test_voices']} held-out voices")
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
         return
     if args.source == "openclipart":
