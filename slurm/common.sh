@@ -13,7 +13,11 @@ echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS} tas
 
 train_and_requeue() {
     # run.resume=latest: a requeued job continues from its last checkpoint (a fresh job starts anew).
-    srun --kill-on-bad-exit=1 "$(dirname "${BASH_SOURCE[0]}")/launch.sh" train "$@" run.resume=latest
+    # Every task exits 3 after the warning signal's checkpoint, but not at the same instant: killing
+    # the others as soon as one exits (--kill-on-bad-exit) would turn their 3 into 143 and lose the
+    # requeue. Instead the others get 120 s to finish (a crashed task's peers, stuck in a collective,
+    # are then terminated).
+    srun --kill-on-bad-exit=0 --wait=120 "$(dirname "${BASH_SOURCE[0]}")/launch.sh" train "$@" run.resume=latest
     status=$?
     if [ "$status" -eq "$MMCL_STOPPED" ]; then
         echo "stopped on the warning signal: requeueing job $SLURM_JOB_ID"
