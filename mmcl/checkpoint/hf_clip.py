@@ -155,18 +155,19 @@ def export_hf_clip(state: Dict[str, torch.Tensor], cfg: Config, out_dir: Path) -
     from transformers import CLIPConfig, CLIPModel
 
     out_dir = Path(out_dir)
-    model = CLIPModel(CLIPConfig(**hf_config(cfg)))
+    config = hf_config(cfg)
+    model = CLIPModel(CLIPConfig(**config))
     hf_state = _open_clip_to_hf(to_open_clip_state(state))
     missing, unexpected = model.load_state_dict(hf_state, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ValueError(f"CLIPModel state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.save_pretrained(out_dir)
-    _write_tokenizer(out_dir, cfg)
+    _write_tokenizer(out_dir, config["text_config"]["max_position_embeddings"])  # type: ignore[index]
     return out_dir
 
 
-def _write_tokenizer(out_dir: Path, cfg: Config) -> None:
+def _write_tokenizer(out_dir: Path, context_length: int) -> None:
     from open_clip.tokenizer import SimpleTokenizer
     from transformers import CLIPTokenizer
 
@@ -178,8 +179,7 @@ def _write_tokenizer(out_dir: Path, cfg: Config) -> None:
     merges = sorted(bpe.bpe_ranks, key=bpe.bpe_ranks.get)
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(m) for m in merges) + "\n",
                                         encoding="utf-8")
-    context = hf_config(cfg)["text_config"]["max_position_embeddings"]  # type: ignore[index]
-    tokenizer = CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=context)
+    tokenizer = CLIPTokenizer(str(out_dir / "vocab.json"), str(out_dir / "merges.txt"), model_max_length=context_length)
     tokenizer.save_pretrained(out_dir)
 
 

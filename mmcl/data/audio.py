@@ -7,9 +7,11 @@ here, on torch.stft. (Decoding, by libsndfile, is in decode.py with the other fo
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import numpy as np
 import soxr
 import torch
+
 
 def resample(samples: np.ndarray, rate: int, target_rate: int) -> np.ndarray:
     if rate == target_rate:

@@ -16,8 +16,9 @@ def write_json(results: Dict[str, object], path: Path) -> None:
     tmp.replace(path)
 
 
-def format_table(results: Dict[str, Dict[str, object]]) -> str:
-    """One row per metric (there are many with several modalities), one column per dataset, in %."""
+def _table(results: Dict[str, Dict[str, object]]) -> List[List[str]]:
+    """Header and rows: one row per metric (there are many with several modalities), one column per
+    dataset, in %."""
     metric_names: List[str] = []
     for metrics in results.values():
         for name, value in metrics.items():
@@ -27,19 +28,23 @@ def format_table(results: Dict[str, Dict[str, object]]) -> str:
     rows = [["samples", *(str(m.get("samples", "")) for m in results.values())]]
     rows += [[name, *(f"{100 * m[name]:.1f}" if name in m else "-" for m in results.values())]
              for name in metric_names]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    return [header, *rows]
+
+
+def format_table(results: Dict[str, Dict[str, object]]) -> str:
+    """The table as aligned plain text, for the terminal."""
+    table = _table(results)
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def markdown_table(results: Dict[str, Dict[str, object]]) -> str:
-    """The same table as format_table, in markdown."""
-    lines = format_table(results).splitlines()
-    header, rows = lines[0].split(), [line.split() for line in lines[2:]]
-    out = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    out += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(out) + "\n"
+    """The same table in markdown."""
+    header, *rows = _table(results)
+    lines = ["| " + " | ".join(row) + " |" for row in [header, ["---"] * len(header), *rows]]
+    return "\n".join(lines) + "\n"
 
 
 def clip_benchmark_record(metrics: Dict[str, object], model: str) -> Dict[str, object]:

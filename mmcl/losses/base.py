@@ -60,11 +60,12 @@ class ContrastiveLoss(nn.Module):
             gathered, gathered_negatives = dict(embeddings), {}
             if negatives:
                 raise ValueError(f"loss {self.cfg.name!r} takes no explicit hard negatives in this exchange")
+        global_present = _gather_present(present) if present else {}
         parts: Dict[str, torch.Tensor] = {}
         for a, b, _ in pairs:
             local = (embeddings[a], embeddings[b], gathered[a], gathered[b])
             extra = (logit_scale, logit_bias, gathered_negatives.get(a), gathered_negatives.get(b))
-            both = _both_present(present, a, b, embeddings[a])
+            both = _both_present(global_present, a, b)
             if both is None:
                 parts[f"{a}-{b}"] = self.pair_loss(*local, local_positions(embeddings[a]), *extra)
             else:
@@ -73,11 +74,12 @@ class ContrastiveLoss(nn.Module):
         return {"loss": total, **parts}  # type: ignore[dict-item]
 
     def _subset_pair_loss(self, local_a: torch.Tensor, local_b: torch.Tensor, global_a: torch.Tensor,
-                          global_b: torch.Tensor, local_rows: torch.Tensor, extra: tuple) -> torch.Tensor:
-        """pair_loss over the samples holding both modalities (`local_rows`, (B,) bool)."""
+                          global_b: torch.Tensor, global_rows: torch.Tensor, extra: tuple) -> torch.Tensor:
+        """pair_loss over the samples holding both modalities (`global_rows`, (W*B,) bool, every process's)."""
         if not self.takes_missing:
             raise ValueError(f"loss {self.cfg.name!r} cannot score batches with missing modalities")
-        global_rows = dist.all_gather_with_grad(local_rows.to(torch.uint8)).bool() if self.gathers else local_rows
+        batch = local_a.shape[0]
+        local_rows = global_rows[dist.rank() * batch:(dist.rank() + 1) * batch]  # (B,)
         kept, kept_everywhere = int(local_rows.sum()), int(global_rows.sum())
         if kept == 0 or kept_everywhere < 2:  # nothing to score here (a contrast needs a negative); stay in
             # the graph all the same: every process must run the same backward collectives (the gathers').
@@ -116,17 +118,21 @@ def _gather_all(embeddings: Embeddings, negatives: Embeddings) -> Tuple[Dict[str
     return gathered, gathered_negatives
 
 
-def _both_present(present: Optional[Mapping[str, torch.Tensor]], a: str, b: str,
-                  like: torch.Tensor) -> Optional[torch.Tensor]:
-    """(B,) bool of the samples holding both modalities, or None when every sample holds both."""
-    if not present or (a not in present and b not in present):
+def _gather_present(present: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Every process's presence masks, modality -> (W*B,) bool, in one (gradient-free) all-gather."""
+    stacked = torch.stack([rows.to(torch.uint8) for rows in present.values()], dim=1)  # (B, M)
+    gathered = dist.all_gather_with_grad(stacked).bool()  # (W*B, M)
+    return dict(zip(present, gathered.unbind(dim=1)))
+
+
+def _both_present(global_present: Mapping[str, torch.Tensor], a: str, b: str) -> Optional[torch.Tensor]:
+    """(W*B,) bool of the samples (on every process) holding both modalities, or None when all do.
+    Decided on the gathered masks, so every process takes the same branch."""
+    masks = [global_present[m] for m in (a, b) if m in global_present]
+    if not masks:
         return None
-    rows = torch.ones(like.shape[0], dtype=torch.bool, device=like.device)
-    for modality in (a, b):
-        if modality in present:
-            rows = rows & present[modality].to(like.device)
-    # Every process must take the same branch (the subset path gathers): decide on the global batch.
-    return None if not dist.any_rank(not bool(rows.all())) else rows
+    rows = masks[0] & masks[-1]
+    return None if bool(rows.all()) else rows
 
 
 def local_positions(local: torch.Tensor) -> torch.Tensor:

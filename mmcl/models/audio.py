@@ -6,7 +6,6 @@ embedding + learnt positions + a class token -> open_clip Transformer -> class t
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Dict
 
@@ -18,7 +17,7 @@ from torch import nn
 from mmcl.config import ConfigError, TowerConfig
 from mmcl.data.audio import LogMel, MelSettings, crop_or_pad, resample
 from mmcl.data.decode import Waveform
-from mmcl.models.towers import TOWERS, Tower
+from mmcl.models.towers import TOWERS, Tower, merged_settings
 
 
 @dataclass
@@ -30,6 +29,14 @@ class AudioSettings(MelSettings):
     layers: int = 12
     heads: int = 12
     mlp_ratio: float = 4.0
+
+    @property
+    def clip_samples(self) -> int:
+        return round(self.clip_seconds * self.sample_rate)
+
+    @property
+    def frames(self) -> int:
+        return LogMel.frames_for(self.clip_samples, self.hop_length)
 
 
 AUDIO_PRESETS: Dict[str, Dict[str, Any]] = {
@@ -47,12 +54,11 @@ class AudioPreprocess:
     def __init__(self, settings: AudioSettings, train: bool) -> None:
         self.settings, self.train = settings, train
         self.log_mel = LogMel(settings)
-        self.length = round(settings.clip_seconds * settings.sample_rate)
 
     def __call__(self, waveform: Waveform) -> torch.Tensor:
         samples, rate = waveform
         clip = crop_or_pad(torch.from_numpy(np.ascontiguousarray(resample(samples, rate, self.settings.sample_rate))),
-                           self.length, self.train)
+                           self.settings.clip_samples, self.train)
         spectrogram = self.log_mel(clip)  # (n_mels, frames)
         # Per-clip standardisation: loudness and recording gain should not matter to the embedding.
         return (spectrogram - spectrogram.mean()) / (spectrogram.std() + 1e-5)
@@ -67,11 +73,7 @@ class AudioSpectrogramTower(Tower):
         if cfg.preset and cfg.preset not in AUDIO_PRESETS:
             raise ConfigError(f"config key '{key}.preset': unknown audio preset {cfg.preset!r}; "
                               f"known: {', '.join(AUDIO_PRESETS)}")
-        known = {f.name for f in dataclasses.fields(AudioSettings)}
-        for name in cfg.options:
-            if name not in known:
-                raise ConfigError(f"config key '{key}.options.{name}': not a setting of AudioSettings")
-        settings = AudioSettings(**{**AUDIO_PRESETS.get(cfg.preset, {}), **cfg.options})
+        settings = merged_settings(AudioSettings, AUDIO_PRESETS.get(cfg.preset, {}), cfg.options, key)
         if settings.n_mels % settings.patch_freq:
             raise ConfigError(f"config key '{key}.options': n_mels ({settings.n_mels}) is not a multiple of "
                               f"patch_freq ({settings.patch_freq})")
@@ -87,8 +89,7 @@ class AudioSpectrogramTower(Tower):
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()
         s = self.audio_settings = self.settings(cfg)
-        frames = LogMel.frames_for(round(s.clip_seconds * s.sample_rate), s.hop_length)
-        self.grid = (s.n_mels // s.patch_freq, frames // s.patch_time)  # trailing frames are dropped
+        self.grid = (s.n_mels // s.patch_freq, s.frames // s.patch_time)  # trailing frames are dropped
         self.patch_embed = nn.Conv2d(1, s.width, (s.patch_freq, s.patch_time), (s.patch_freq, s.patch_time), bias=False)
         scale = s.width ** -0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(s.width))
@@ -111,5 +112,4 @@ class AudioSpectrogramTower(Tower):
         return AudioPreprocess(self.audio_settings, train)
 
     def placeholder(self) -> torch.Tensor:
-        s = self.audio_settings
-        return torch.zeros(s.n_mels, LogMel.frames_for(round(s.clip_seconds * s.sample_rate), s.hop_length))
+        return torch.zeros(self.audio_settings.n_mels, self.audio_settings.frames)

@@ -44,6 +44,15 @@ class Tower(nn.Module):
         """Raise ConfigError (naming `key`) for a config this tower cannot be built from."""
 
 
+def merged_settings(settings_class: type, preset: Dict[str, Any], options: Dict[str, Any], key: str) -> Any:
+    """settings_class(**preset, **options), after a ConfigError naming any option it does not have."""
+    known = {f.name for f in dataclasses.fields(settings_class)}
+    for name in options:
+        if name not in known:
+            raise ConfigError(f"config key '{key}.options.{name}': not a setting of {settings_class.__name__}")
+    return settings_class(**{**preset, **options})
+
+
 class OpenClipTower(Tower):
     """Shared handling of an open_clip preset + per-key overrides of its vision/text settings."""
 
@@ -58,11 +67,7 @@ class OpenClipTower(Tower):
             if model_cfg is None:
                 raise ConfigError(f"config key '{key}.preset': unknown open_clip model config {cfg.preset!r}")
             base = dict(model_cfg.get(cls.settings_key, {}))
-        known = {f.name for f in dataclasses.fields(cls.settings_class)}
-        for name in cfg.options:
-            if name not in known:
-                raise ConfigError(f"config key '{key}.options.{name}': not a setting of {cls.settings_class.__name__}")
-        return cls.settings_class(**{**base, **cfg.options})
+        return merged_settings(cls.settings_class, base, cfg.options, key)
 
     @classmethod
     def check(cls, cfg: TowerConfig, key: str) -> None:

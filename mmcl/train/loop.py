@@ -183,7 +183,6 @@ def train(cfg: Config) -> RunResult:
                 results = evaluate(cfg, engine, device, run_dir / "eval_steps" / f"step_{step:08d}.json", quiet=True)
                 if metrics_log and results:
                     metrics_log.write_eval(step, results)
-                engine.model.train()
     finally:
         progress.close()
         if metrics_log:
