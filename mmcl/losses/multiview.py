@@ -10,9 +10,11 @@ With K = 1 both equal InfoNCE.
 
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import torch
 
-from mmcl.losses.base import ContrastiveLoss
+from mmcl.losses.base import ContrastiveLoss, PairInputs
 from mmcl.losses.registry import LOSSES
 
 
@@ -20,7 +22,7 @@ def _views(embeddings: torch.Tensor) -> torch.Tensor:
     return embeddings if embeddings.ndim == 3 else embeddings[:, None]  # (B, D) -> (B, 1, D)
 
 
-def _flat_with_ids(embeddings: torch.Tensor, sample_ids: torch.Tensor) -> tuple:
+def _flat_with_ids(embeddings: torch.Tensor, sample_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     views = _views(embeddings)  # (B, K, D)
     ids = sample_ids.repeat_interleave(views.shape[1])  # (B*K,)
     return views.flatten(0, 1), ids  # (B*K, D), (B*K,)
@@ -28,25 +30,25 @@ def _flat_with_ids(embeddings: torch.Tensor, sample_ids: torch.Tensor) -> tuple:
 
 @LOSSES.register("multi_positive")
 class MultiPositive(ContrastiveLoss):
-    def pair_loss(self, local_a, local_b, global_a, global_b, positive, logit_scale, logit_bias, negatives_a,
-                  negatives_b):
+    def pair_loss(self, pair: PairInputs) -> torch.Tensor:
         # Sample ids: a local sample's id is its position among the global rows.
-        anchors_a, ids_a = _flat_with_ids(local_a, positive)
-        anchors_b, ids_b = _flat_with_ids(local_b, positive)
-        global_ids = torch.arange(global_a.shape[0], device=global_a.device)
-        candidates_a, cand_ids_a = _flat_with_ids(global_a, global_ids)
-        candidates_b, cand_ids_b = _flat_with_ids(global_b, global_ids)
-        if negatives_a is not None:  # explicit negatives match no sample id
-            candidates_a = torch.cat([candidates_a, negatives_a])
-            cand_ids_a = torch.cat([cand_ids_a, cand_ids_a.new_full((negatives_a.shape[0],), -1)])
-        if negatives_b is not None:
-            candidates_b = torch.cat([candidates_b, negatives_b])
-            cand_ids_b = torch.cat([cand_ids_b, cand_ids_b.new_full((negatives_b.shape[0],), -1)])
-        a_to_b = self.row_losses(anchors_a, ids_a, candidates_b, cand_ids_b, logit_scale)
-        b_to_a = self.row_losses(anchors_b, ids_b, candidates_a, cand_ids_a, logit_scale)
+        anchors_a, ids_a = _flat_with_ids(pair.local_a, pair.positive)
+        anchors_b, ids_b = _flat_with_ids(pair.local_b, pair.positive)
+        global_ids = torch.arange(pair.global_a.shape[0], device=pair.global_a.device)
+        candidates_a, cand_ids_a = _with_negatives(*_flat_with_ids(pair.global_a, global_ids), pair.negatives_a)
+        candidates_b, cand_ids_b = _with_negatives(*_flat_with_ids(pair.global_b, global_ids), pair.negatives_b)
+        a_to_b = self.row_losses(anchors_a, ids_a, candidates_b, cand_ids_b, pair.logit_scale)
+        b_to_a = self.row_losses(anchors_b, ids_b, candidates_a, cand_ids_a, pair.logit_scale)
         return (a_to_b.mean() + b_to_a.mean()) / 2
 
-    def row_losses(self, anchors, anchor_ids, candidates, candidate_ids, logit_scale):
+    def row_losses(
+        self,
+        anchors: torch.Tensor,
+        anchor_ids: torch.Tensor,
+        candidates: torch.Tensor,
+        candidate_ids: torch.Tensor,
+        logit_scale: torch.Tensor,
+    ) -> torch.Tensor:
         logits = logit_scale * anchors @ candidates.T  # (R, D) x (D, C) -> (R, C)
         positive = anchor_ids[:, None] == candidate_ids[None, :]  # (R, C)
         count = positive.sum(dim=1)  # (R,)
@@ -55,3 +57,12 @@ class MultiPositive(ContrastiveLoss):
             return log_z - (logits * positive).sum(dim=1) / count
         positive_lse = logits.masked_fill(~positive, float("-inf")).logsumexp(dim=1)  # (R,)
         return log_z - positive_lse + torch.log(count.to(logits.dtype))
+
+
+def _with_negatives(
+    candidates: torch.Tensor, ids: torch.Tensor, negatives: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Explicit negatives appended as candidates that match no sample id."""
+    if negatives is None:
+        return candidates, ids
+    return torch.cat([candidates, negatives]), torch.cat([ids, ids.new_full((negatives.shape[0],), -1)])

@@ -3,7 +3,7 @@
 a[i], b[i]: paired unit-norm embeddings; scale: the logit multiplier (1 / temperature).
 """
 
-import math
+import itertools
 
 import torch
 
@@ -18,6 +18,7 @@ def log_softmax_at(scores, index):
 
 def infonce(a, b, scale, label_smoothing=0.0, extra_b=None, extra_a=None):
     """CLIP (Radford et al., 2021): symmetric cross-entropy; optional explicit negatives appended as columns."""
+
     def direction(anchors, candidates):
         total = 0.0
         for i in range(len(anchors)):
@@ -32,12 +33,38 @@ def infonce(a, b, scale, label_smoothing=0.0, extra_b=None, extra_a=None):
     return (direction(a, cand_b) + direction(b, cand_a)) / 2
 
 
-def dcl(a, b, scale):
-    """DCL (Yeh et al., 2022): -s_ii + log sum_{j != i} exp(s_ij), both directions."""
+def negative_scores(anchors, candidates, i, scale, same_modality):
+    """Scores of anchor i against its negatives: every other candidate; with `same_modality` also every
+    other anchor (SimCLR's 2N - 2 negatives: both views of every other sample)."""
+    scores = [logit(anchors[i], candidates[j], scale) for j in range(len(candidates)) if j != i]
+    if same_modality:
+        scores += [logit(anchors[i], anchors[j], scale) for j in range(len(anchors)) if j != i]
+    return scores
+
+
+def nt_xent(a, b, scale):
+    """SimCLR's NT-Xent (Chen et al., 2020): l(i) = -log e^{s(i, i+)} / sum_{k != i} e^{s(i, k)} over the
+    2N views, the positive and both views of every other sample in the denominator; mean over 2N."""
+
     def direction(anchors, candidates):
         total = 0.0
         for i in range(len(anchors)):
-            negatives = [logit(anchors[i], candidates[j], scale) for j in range(len(candidates)) if j != i]
+            pos = logit(anchors[i], candidates[i], scale)
+            denominator = [pos] + negative_scores(anchors, candidates, i, scale, same_modality=True)
+            total = total - pos + torch.logsumexp(torch.stack(denominator), 0)
+        return total / len(anchors)
+
+    return (direction(a, b) + direction(b, a)) / 2
+
+
+def dcl(a, b, scale, same_modality=False):
+    """DCL (Yeh et al., 2022, eq. 6): -s_ii + log sum over the negatives of exp(s); the paper's form
+    (same_modality) sums over both views of every other sample, j != i; both directions."""
+
+    def direction(anchors, candidates):
+        total = 0.0
+        for i in range(len(anchors)):
+            negatives = negative_scores(anchors, candidates, i, scale, same_modality)
             total = total - logit(anchors[i], candidates[i], scale) + torch.logsumexp(torch.stack(negatives), 0)
         return total / len(anchors)
 
@@ -47,6 +74,7 @@ def dcl(a, b, scale):
 def hn_nce(a, b, scale, alpha, beta):
     """HN-NCE (Radenovic et al., 2023): -log( e^{s_ii} / (alpha e^{s_ii} + sum_{j!=i} w_ij e^{s_ij}) ),
     w_ij = (N) e^{beta s_ij} / sum_{k!=i} e^{beta s_ik}, N = number of negatives; both directions."""
+
     def direction(anchors, candidates):
         total = 0.0
         n = len(candidates) - 1
@@ -61,17 +89,19 @@ def hn_nce(a, b, scale, alpha, beta):
     return (direction(a, b) + direction(b, a)) / 2
 
 
-def hcl(a, b, scale, beta, tau_plus):
+def hcl(a, b, scale, beta, tau_plus, same_modality=False):
     """HCL (Robinson et al., 2021), as the authors' estimator: importance weights e^{beta s} over the
-    negatives normalised by their mean, debiasing with tau+, floored at N e^{-1/t}; both directions."""
+    N negatives normalised by their mean, debiasing with tau+, floored at N e^{-1/t}; both directions.
+    The authors' code (same_modality) takes N = 2B - 2 negatives: both views of every other sample."""
+
     def direction(anchors, candidates):
         total = 0.0
-        n = len(candidates) - 1
         for i in range(len(anchors)):
             pos = torch.exp(logit(anchors[i], candidates[i], scale))
-            negs = [logit(anchors[i], candidates[j], scale) for j in range(len(candidates)) if j != i]
+            negs = negative_scores(anchors, candidates, i, scale, same_modality)
+            n = len(negs)
             imp = [torch.exp(beta * s) for s in negs]
-            reweight_neg = sum(w * torch.exp(s) for w, s in zip(imp, negs)) / (sum(imp) / n)
+            reweight_neg = sum(w * torch.exp(s) for w, s in zip(imp, negs, strict=False)) / (sum(imp) / n)
             ng = (-tau_plus * n * pos + reweight_neg) / (1 - tau_plus)
             ng = torch.maximum(ng, n * torch.exp(-scale))
             total = total - torch.log(pos / (pos + ng))
@@ -93,6 +123,7 @@ def siglip(a, b, scale, bias):
 def multi_positive(a_views, b_views, scale, aggregation):
     """a_views: (B, Ka, D), b_views: (B, Kb, D). Positives of view (i, k): all views (i, *) of the other
     modality. geometric: mean_p -log softmax_p (SupCon L_out); arithmetic: -log mean_p softmax_p."""
+
     def direction(anchors, candidates):
         flat = [(j, v) for j in range(len(candidates)) for v in candidates[j]]
         total, rows = 0.0, 0
@@ -111,22 +142,47 @@ def multi_positive(a_views, b_views, scale, aggregation):
     return (direction(a_views, b_views) + direction(b_views, a_views)) / 2
 
 
-def symile(embeddings, scale):
-    """Symile (Saporta et al., 2024): per target modality, -log softmax over j of
-    scale * MIP(target_j, others_i), averaged over samples and targets."""
+def mip(vectors):
+    """Multilinear inner product (Symile, eq. 1): sum over d of the product of every vector's d-th entry."""
+    total = 0.0
+    for d in range(len(vectors[0])):
+        term = 1.0
+        for v in vectors:
+            term = term * v[d]
+        total = total + term
+    return total
+
+
+def symile(embeddings, scale, negatives, permutations=None):
+    """Symile (Saporta et al., 2024, Algorithm 1 and the authors' `Symile` loss): every modality in turn
+    is the anchor; anchor row i is contrasted over candidate tuples of the other modalities, the positive
+    being (y_i, z_i, ...); cross-entropy over scale * MIP, mean over rows, then mean over anchors.
+
+    negatives="n_squared": the candidates are every tuple of rows of the non-anchor modalities (N^(M-1)).
+    negatives="n": N candidates, the positive tuple at j = i and, at j != i, the tuple of row
+    permutations[anchor][m][j] of each non-anchor modality m (rows of each shuffled independently).
+    """
     names = sorted(embeddings)
     n = len(embeddings[names[0]])
     total = 0.0
-    for target in names:
+    for anchor in names:
+        others = [m for m in names if m != anchor]
+        if negatives == "n_squared":
+            tuples = list(itertools.product(range(n), repeat=len(others)))
+        anchor_loss = 0.0
         for i in range(n):
-            scores = []
-            for j in range(n):
-                product = embeddings[target][j].clone()
-                for other in names:
-                    if other != target:
-                        product = product * embeddings[other][i]
-                scores.append(scale * product.sum())
-            total = total - log_softmax_at(scores, i) / n
+            if negatives == "n":
+                tuples = [
+                    (i,) * len(others) if j == i else tuple(permutations[anchor][m][j] for m in others)
+                    for j in range(n)
+                ]
+                positive = i
+            else:
+                positive = tuples.index((i,) * len(others))
+            scores = [
+                scale * mip([embeddings[anchor][i]] + [embeddings[m][k] for m, k in zip(others, rows, strict=False)])
+                for rows in tuples
+            ]
+            anchor_loss = anchor_loss - log_softmax_at(scores, positive)
+        total = total + anchor_loss / n
     return total / len(names)
-
-

@@ -3,7 +3,6 @@ and gradients on every input equal its gradients (after data-parallel averaging)
 ClipLoss and SigLipLoss in their distributed modes agree with mmcl's on every rank."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -15,8 +14,11 @@ from open_clip.loss import ClipLoss, SigLipLoss
 from mmcl.config import LossConfig
 from mmcl.losses import build_loss
 
+from launch import free_port
+
 PER_RANK = 3  # samples per process
 DIM = 6
+SEED = 5  # the step's seed: losses that sample negatives (Symile's O(N) shuffles) draw the same on every process
 
 CASES = [
     ("infonce", {}, {}),
@@ -31,7 +33,13 @@ CASES = [
     ("hcl", {"beta": 0.5, "tau_plus": 0.1}, {}),
     ("multi_positive", {"positive_aggregation": "geometric"}, {"views": (2, 3)}),
     ("multi_positive", {"positive_aggregation": "arithmetic"}, {"views": (3, 1)}),
-    ("symile", {}, {"modalities": 3}),
+    ("symile", {"symile_negatives": "n"}, {"modalities": 3}),
+    ("symile", {"symile_negatives": "n_squared"}, {"modalities": 3}),
+    ("symile", {"symile_negatives": "n_squared"}, {"modalities": 4}),
+    ("symile", {"symile_negatives": "n"}, {"modalities": 4}),
+    ("infonce", {"same_modality_negatives": True}, {}),
+    ("dcl", {"same_modality_negatives": True}, {}),
+    ("hcl", {"beta": 0.5, "tau_plus": 0.1, "same_modality_negatives": True}, {"negatives": 2}),
     ("infonce", {"anchor": "image", "pair_weights": {"image-audio": 0.5}}, {"modalities": 3}),
     # Samples lacking a modality (process 0 holds no audio at all): each pair over the samples with both.
     ("infonce", {}, {"modalities": 3, "missing": True}),
@@ -54,15 +62,17 @@ def case_inputs(case_index, world):
     first = min(i for i, (n, _, sh) in enumerate(CASES) if n == name and sh == shape)
     g = torch.Generator().manual_seed(1000 + first)
     n = PER_RANK * world
-    names = ["image", "text", "audio"][: shape.get("modalities", 2)]
+    names = ["image", "text", "audio", "depth"][: shape.get("modalities", 2)]
     views = shape.get("views", (None, None))
     embeddings = {}
-    for m, k in zip(names, list(views) + [None] * 3):
+    for m, k in zip(names, list(views) + [None] * 3, strict=False):
         size = (n, k, DIM) if k else (n, DIM)
         embeddings[m] = F.normalize(torch.randn(*size, generator=g, dtype=torch.float64), dim=-1)
     negatives = {}
     if shape.get("negatives"):
-        negatives["text"] = F.normalize(torch.randn(n, shape["negatives"], DIM, generator=g, dtype=torch.float64), dim=-1)
+        negatives["text"] = F.normalize(
+            torch.randn(n, shape["negatives"], DIM, generator=g, dtype=torch.float64), dim=-1
+        )
     scale = torch.tensor(7.5, dtype=torch.float64)
     bias = torch.tensor(-3.0, dtype=torch.float64) if shape.get("bias") else None
     present = presence(n) if shape.get("missing") else {}
@@ -71,18 +81,27 @@ def case_inputs(case_index, world):
 
 def loss_and_grads(case_index, embeddings, negatives, scale, bias, present):
     name, options, _ = CASES[case_index]
-    leaves = {**{f"emb:{k}": v for k, v in embeddings.items()}, **{f"neg:{k}": v for k, v in negatives.items()},
-              "scale": scale, **({"bias": bias} if bias is not None else {})}
+    leaves = {
+        **{f"emb:{k}": v for k, v in embeddings.items()},
+        **{f"neg:{k}": v for k, v in negatives.items()},
+        "scale": scale,
+        **({"bias": bias} if bias is not None else {}),
+    }
     leaves = {k: v.detach().clone().requires_grad_(True) for k, v in leaves.items()}
     out = build_loss(LossConfig(name=name, **options))(
-        {k[4:]: v for k, v in leaves.items() if k.startswith("emb:")}, leaves["scale"], leaves.get("bias"),
-        {k[4:]: v for k, v in leaves.items() if k.startswith("neg:")} or None, present or None)
+        {k[4:]: v for k, v in leaves.items() if k.startswith("emb:")},
+        leaves["scale"],
+        leaves.get("bias"),
+        {k[4:]: v for k, v in leaves.items() if k.startswith("neg:")} or None,
+        present or None,
+        seed=SEED,
+    )
     grads = torch.autograd.grad(out["loss"], list(leaves.values()))
-    return out["loss"].detach(), dict(zip(leaves, grads))
+    return out["loss"].detach(), dict(zip(leaves, grads, strict=False))
 
 
 def local_slice(tensor, rank):
-    return tensor[rank * PER_RANK:(rank + 1) * PER_RANK]
+    return tensor[rank * PER_RANK : (rank + 1) * PER_RANK]
 
 
 def open_clip_results(rank, world):
@@ -118,12 +137,6 @@ def worker(rank, world, port, out_dir):
         torch_dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module", params=[2, 4])
 def distributed_results(request, tmp_path_factory):
     world = request.param
@@ -146,14 +159,15 @@ def test_loss_and_gradients_equal_single_process(distributed_results, index):
             torch.testing.assert_close(averaged, single_grad, rtol=1e-9, atol=1e-12)
         else:  # the gather's backward already summed every process's share onto the owner's rows
             for rank, results in enumerate(per_rank):
-                torch.testing.assert_close(results[index][1][name] / world, local_slice(single_grad, rank),
-                                           rtol=1e-9, atol=1e-12)
+                torch.testing.assert_close(
+                    results[index][1][name] / world, local_slice(single_grad, rank), rtol=1e-9, atol=1e-12
+                )
 
 
 @pytest.mark.parametrize("mode", ["clip_local=True", "clip_local=False"])
 def test_infonce_matches_open_clip_distributed(distributed_results, mode):
     world, per_rank = distributed_results
-    for rank, results in enumerate(per_rank):
+    for _rank, results in enumerate(per_rank):
         theirs_loss, theirs_grads = results["open_clip"][mode]
         ours_loss, ours_grads = results[0]
         if mode == "clip_local=True":  # both compute this rank's rows
