@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import random
 from pathlib import Path
-from typing import Dict, Tuple
+from typing import Any, Dict, Tuple
 
 import numpy as np
 from PIL import Image
@@ -55,17 +55,21 @@ def caption(label: int, rng: random.Random) -> str:
     return rng.choice(CAPTIONS).format(word=WORDS[label], digit=label)
 
 
-def split_digits(test_fraction: float, seed: int) -> Tuple[object, np.ndarray, np.ndarray]:
+def split_digits(test_fraction: float, seed: int) -> Tuple[Any, np.ndarray, np.ndarray]:
     """(scikit-learn's digits, training indices, held-out indices), stratified by class."""
-    digits = load_digits()
+    digits: Any = load_digits()  # a Bunch: images, target
     indices = np.arange(len(digits.target))
-    train_idx, test_idx = train_test_split(indices, test_size=test_fraction, stratify=digits.target,
-                                           random_state=seed)
+    train_idx, test_idx = train_test_split(indices, test_size=test_fraction, stratify=digits.target, random_state=seed)
     return digits, train_idx, test_idx
 
 
-def prepare_digits(out_dir: str | Path, captions_per_image: int = 4, samples_per_shard: int = 1000,
-                   test_fraction: float = 0.2, seed: int = 0) -> Dict[str, object]:
+def prepare_digits(
+    out_dir: str | Path,
+    captions_per_image: int = 4,
+    samples_per_shard: int = 1000,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dict[str, Any]:
     out_dir = Path(out_dir)
     digits, train_idx, test_idx = split_digits(test_fraction, seed)
     rng = random.Random(seed)
@@ -83,8 +87,14 @@ def prepare_digits(out_dir: str | Path, captions_per_image: int = 4, samples_per
     with ShardSetWriter(out_dir / "test", samples_per_shard) as test:
         for index in test_idx:
             label = int(digits.target[index])
-            test.write({"__key__": f"digit{index:04d}", "png": png_bytes(digits.images[index]),
-                        "cls": str(label), "txt": caption(label, rng)})
+            test.write(
+                {
+                    "__key__": f"digit{index:04d}",
+                    "png": png_bytes(digits.images[index]),
+                    "cls": str(label),
+                    "txt": caption(label, rng),
+                }
+            )
         test.extra_stats = {"source": "sklearn.datasets.load_digits", "images": len(test_idx)}
 
     (out_dir / "classnames.txt").write_text("\n".join(WORDS) + "\n")

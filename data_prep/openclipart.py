@@ -19,7 +19,7 @@ import subprocess
 import xml.etree.ElementTree as ElementTree
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from PIL import Image
 
@@ -51,9 +51,22 @@ def caption(svg: Path) -> Optional[str]:
 
 def rasterise(svg: Path, size: int, binary: str) -> bytes:
     """A size x size PNG: the drawing scaled to fit (aspect kept), centred on white."""
-    png = subprocess.run([binary, "--width", str(size), "--height", str(size), "--keep-aspect-ratio",
-                          "--background-color", "white", str(svg)], check=True, capture_output=True,
-                         timeout=60).stdout
+    png = subprocess.run(
+        [
+            binary,
+            "--width",
+            str(size),
+            "--height",
+            str(size),
+            "--keep-aspect-ratio",
+            "--background-color",
+            "white",
+            str(svg),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    ).stdout
     with Image.open(io.BytesIO(png)) as drawing:
         canvas = Image.new("RGB", (size, size), "white")
         canvas.paste(drawing.convert("RGB"), ((size - drawing.width) // 2, (size - drawing.height) // 2))
@@ -74,13 +87,22 @@ def drawings(root: Path) -> List[Tuple[str, Path]]:
     return out
 
 
-def prepare_openclipart(out_dir: str | Path, limit: int = 0, size: int = 64, test_fraction: float = 0.2,
-                        seed: int = 0, root: Path = SVG_ROOT, workers: int = 4,
-                        samples_per_shard: int = 1000) -> Dict[str, object]:
+def prepare_openclipart(
+    out_dir: str | Path,
+    limit: int = 0,
+    size: int = 64,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    root: Path = SVG_ROOT,
+    workers: int = 4,
+    samples_per_shard: int = 1000,
+) -> Dict[str, Any]:
     binary = shutil.which("rsvg-convert")
     if not root.is_dir() or binary is None:
-        raise FileNotFoundError("needs Debian's openclipart-svg and librsvg2-bin: apt-get install openclipart-svg "
-                                "librsvg2-bin (scripts/env.sh installs them when run as root)")
+        raise FileNotFoundError(
+            "needs Debian's openclipart-svg and librsvg2-bin: apt-get install openclipart-svg "
+            "librsvg2-bin (scripts/env.sh installs them when run as root)"
+        )
     rng = random.Random(seed)
     found = drawings(root)
     rng.shuffle(found)
@@ -105,14 +127,13 @@ def prepare_openclipart(out_dir: str | Path, limit: int = 0, size: int = 64, tes
     with ThreadPoolExecutor(workers) as pool:
         images = list(pool.map(render, chosen))
     by_category: Dict[str, List[dict]] = {c: [] for c in categories}
-    for (category, svg, text), png in zip(chosen, images):
+    for (category, svg, text), png in zip(chosen, images, strict=True):
         if not png:
             rejected.append((str(svg), "rsvg-convert could not render it"))
             continue
         key = "_".join(svg.relative_to(root).with_suffix("").parts).replace(".", "_")
-        by_category[category].append({"__key__": key, "png": png, "txt": text,
-                                      "cls": str(categories.index(category))})
-    splits = {"train": [], "test": []}
+        by_category[category].append({"__key__": key, "png": png, "txt": text, "cls": str(categories.index(category))})
+    splits: Dict[str, List[Dict[str, Any]]] = {"train": [], "test": []}
     for samples in by_category.values():  # stratified: every category split in the same proportion
         cut = round(len(samples) * test_fraction)
         splits["test"] += samples[:cut]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from data_prep.writer import ShardSetWriter
 from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, SampleError, decode_audio
+from mmcl.errors import DataError
 
 Media = Dict[str, Optional[Path]]  # "image" / "audio" -> file, or None when it lies outside the root
 Pair = Tuple[str, str, Media, str]  # (source description, sample key, media files, caption)
@@ -48,7 +49,7 @@ def folder_pairs(root: Path) -> Iterator[Pair]:
         yield ", ".join(str(p.relative_to(root)) for p in media.values() if p), sample_key(str(relative)), media, text
 
 
-def manifest_rows(manifest: Path) -> Iterator[Dict[str, object]]:
+def manifest_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
     suffix = manifest.suffix.lower()
     if suffix == ".csv":
         with open(manifest, newline="", encoding="utf-8") as handle:
@@ -61,18 +62,25 @@ def manifest_rows(manifest: Path) -> Iterator[Dict[str, object]]:
     elif suffix == ".parquet":
         yield from pq.read_table(manifest).to_pylist()
     else:
-        raise ValueError(f"unsupported manifest {manifest}: use .csv, .jsonl or .parquet")
+        raise DataError(f"unsupported manifest {manifest}: use .csv, .jsonl or .parquet")
 
 
-def manifest_pairs(manifest: Path, image_column: str = "image", caption_column: str = "caption",
-                   key_column: str = "key", audio_column: str = "audio") -> Iterator[Pair]:
+def manifest_pairs(
+    manifest: Path,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    key_column: str = "key",
+    audio_column: str = "audio",
+) -> Iterator[Pair]:
     root = manifest.parent.resolve()
     for number, row in enumerate(manifest_rows(manifest), start=1):
         source = f"{manifest.name}:{number}"
         columns = {kind: column for kind, column in (("image", image_column), ("audio", audio_column)) if column in row}
         if caption_column not in row or not columns:
-            raise KeyError(f"{source}: manifest needs a caption column {caption_column!r} and an {image_column!r} "
-                           f"and/or {audio_column!r} column, has {sorted(row)}")
+            raise DataError(
+                f"{source}: manifest needs a caption column {caption_column!r} and an {image_column!r} "
+                f"and/or {audio_column!r} column, has {sorted(row)}"
+            )
         media: Media = {}
         for kind, column in columns.items():
             if row[column] not in (None, ""):
@@ -117,16 +125,17 @@ def _problem(key: str, media: Media, text: str, writer: ShardSetWriter) -> Optio
     return None
 
 
-def write_pairs(pairs: Iterator[Pair], out_dir: str | Path, samples_per_shard: int = 1000,
-                progress: bool = True) -> Dict[str, object]:
+def write_pairs(
+    pairs: Iterator[Pair], out_dir: str | Path, samples_per_shard: int = 1000, progress: bool = True
+) -> Dict[str, Any]:
     with ShardSetWriter(out_dir, samples_per_shard) as writer:
         for source, key, media, text in tqdm(pairs, desc="prep", unit=" samples", disable=not progress):
             problem = _problem(key, media, text, writer)
             if problem:
                 writer.reject(source, problem)
                 continue
-            sample: Dict[str, object] = {"__key__": key, "txt": text}
+            sample: Dict[str, Any] = {"__key__": key, "txt": text}
             for path in media.values():
-                sample[path.suffix.lower().lstrip(".")] = path.read_bytes()  # type: ignore[union-attr]
+                sample[path.suffix.lower().lstrip(".")] = path.read_bytes()
             writer.write(sample)
     return writer.stats

@@ -21,7 +21,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import soundfile
 
@@ -62,15 +62,29 @@ class Utterance:
 def espeak_binary() -> str:
     binary = shutil.which("espeak-ng")
     if binary is None:
-        raise FileNotFoundError("espeak-ng is not installed: apt-get install espeak-ng "
-                                "(scripts/env.sh installs it when run as root)")
+        raise FileNotFoundError(
+            "espeak-ng is not installed: apt-get install espeak-ng (scripts/env.sh installs it when run as root)"
+        )
     return binary
 
 
 def synthesise(utterance: Utterance, binary: str) -> bytes:
     """FLAC bytes of one utterance (espeak-ng writes a 22.05 kHz WAV to stdout)."""
-    wav = subprocess.run([binary, "-v", utterance.voice, "-s", str(utterance.speed), "-p", str(utterance.pitch),
-                          "--stdout", WORDS[utterance.digit]], check=True, capture_output=True).stdout
+    wav = subprocess.run(
+        [
+            binary,
+            "-v",
+            utterance.voice,
+            "-s",
+            str(utterance.speed),
+            "-p",
+            str(utterance.pitch),
+            "--stdout",
+            WORDS[utterance.digit],
+        ],
+        check=True,
+        capture_output=True,
+    ).stdout
     samples, rate = soundfile.read(io.BytesIO(wav), dtype="int16")
     out = io.BytesIO()
     soundfile.write(out, samples, rate, format="FLAC")
@@ -78,17 +92,28 @@ def synthesise(utterance: Utterance, binary: str) -> bytes:
 
 
 def utterances(variants: List[str], per_voice_and_digit: int, rng: random.Random) -> List[Utterance]:
-    return [Utterance(digit, f"{accent}+{variant}", rng.randint(120, 200), rng.randint(25, 75))
-            for accent in ACCENTS for variant in variants for digit in range(10) for _ in range(per_voice_and_digit)]
+    return [
+        Utterance(digit, f"{accent}+{variant}", rng.randint(120, 200), rng.randint(25, 75))
+        for accent in ACCENTS
+        for variant in variants
+        for digit in range(10)
+        for _ in range(per_voice_and_digit)
+    ]
 
 
 def fill(template: str, digit: int) -> str:
     return template.format(word=WORDS[digit], digit=digit)
 
 
-def prepare_spoken_digits(out_dir: str | Path, clips_per_voice: int = 3, captions_per_image: int = 2,
-                          samples_per_shard: int = 1000, test_fraction: float = 0.2, seed: int = 0,
-                          workers: int = 4) -> Dict[str, object]:
+def prepare_spoken_digits(
+    out_dir: str | Path,
+    clips_per_voice: int = 3,
+    captions_per_image: int = 2,
+    samples_per_shard: int = 1000,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    workers: int = 4,
+) -> Dict[str, Any]:
     out_dir = Path(out_dir)
     binary = espeak_binary()
     rng = random.Random(seed)
@@ -96,23 +121,36 @@ def prepare_spoken_digits(out_dir: str | Path, clips_per_voice: int = 3, caption
     train_speech = utterances(TRAIN_VARIANTS, clips_per_voice, rng)
     test_speech = utterances(HELD_OUT_VARIANTS, clips_per_voice, rng)
     with ThreadPoolExecutor(workers) as pool:  # each synthesis is its own espeak-ng process
-        audio = dict(zip(train_speech + test_speech,
-                         pool.map(lambda u: synthesise(u, binary), train_speech + test_speech)))
+        audio = dict(
+            zip(
+                train_speech + test_speech,
+                pool.map(lambda u: synthesise(u, binary), train_speech + test_speech),
+                strict=True,
+            )
+        )
 
-    train_samples = []
+    train_samples: List[Dict[str, Any]] = []
     for index in train_idx:
         label, image = int(digits.target[index]), png_bytes(digits.images[index])
         for k, template in enumerate(rng.sample(IMAGE_CAPTIONS, captions_per_image)):
             train_samples.append({"__key__": f"digit{index:04d}_{k}", "png": image, "txt": fill(template, label)})
     for utterance in train_speech:
-        train_samples.append({"__key__": utterance.key, "flac": audio[utterance],
-                              "txt": fill(rng.choice(AUDIO_CAPTIONS), utterance.digit)})
+        train_samples.append(
+            {
+                "__key__": utterance.key,
+                "flac": audio[utterance],
+                "txt": fill(rng.choice(AUDIO_CAPTIONS), utterance.digit),
+            }
+        )
     rng.shuffle(train_samples)  # mix image-text and audio-text samples in every shard
     with ShardSetWriter(out_dir / "train", samples_per_shard) as train:
         for sample in train_samples:
             train.write(sample)
-        train.extra_stats = {"images": len(train_idx), "clips": len(train_speech),
-                             "voices": sorted({u.voice for u in train_speech})}
+        train.extra_stats = {
+            "images": len(train_idx),
+            "clips": len(train_speech),
+            "voices": sorted({u.voice for u in train_speech}),
+        }
 
     # Each held-out image is paired with a held-out-voice clip of its digit.
     clips_by_digit: Dict[int, List[Utterance]] = {d: [u for u in test_speech if u.digit == d] for d in range(10)}
@@ -122,14 +160,30 @@ def prepare_spoken_digits(out_dir: str | Path, clips_per_voice: int = 3, caption
         for n, index in enumerate(test_idx):
             label = int(digits.target[index])
             clip = clips_by_digit[label][n % len(clips_by_digit[label])]
-            test.write({"__key__": f"digit{index:04d}", "png": png_bytes(digits.images[index]),
-                        "flac": audio[clip], "cls": str(label), "txt": fill(rng.choice(IMAGE_CAPTIONS), label)})
-        test.extra_stats = {"images": len(test_idx), "clips": len(test_speech),
-                            "voices": sorted({u.voice for u in test_speech})}
+            test.write(
+                {
+                    "__key__": f"digit{index:04d}",
+                    "png": png_bytes(digits.images[index]),
+                    "flac": audio[clip],
+                    "cls": str(label),
+                    "txt": fill(rng.choice(IMAGE_CAPTIONS), label),
+                }
+            )
+        test.extra_stats = {
+            "images": len(test_idx),
+            "clips": len(test_speech),
+            "voices": sorted({u.voice for u in test_speech}),
+        }
 
     (out_dir / "classnames.txt").write_text("\n".join(WORDS) + "\n")
     (out_dir / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     (out_dir / "dataset.json").write_text(json.dumps({"retrieval_match": "class"}, indent=1) + "\n")
-    return {"train": train.sizes, "test": test.sizes, "train_clips": len(train_speech),
-            "test_clips": len(test_speech), "train_images": len(train_idx), "test_images": len(test_idx),
-            "test_voices": len({u.voice for u in test_speech})}
+    return {
+        "train": train.sizes,
+        "test": test.sizes,
+        "train_clips": len(train_speech),
+        "test_clips": len(test_speech),
+        "train_images": len(train_idx),
+        "test_images": len(test_idx),
+        "test_voices": len({u.voice for u in test_speech}),
+    }

@@ -11,15 +11,17 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import webdataset as wds
+
+from mmcl.errors import DataError
 
 
 class ShardSetWriter:
     def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000) -> None:
         if samples_per_shard < 1:
-            raise ValueError("samples_per_shard must be at least 1")
+            raise DataError("samples_per_shard must be at least 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
@@ -47,13 +49,13 @@ class ShardSetWriter:
     def has_key(self, key: str) -> bool:
         return key in self._keys
 
-    def write(self, sample: Dict[str, object]) -> None:
+    def write(self, sample: Dict[str, Any]) -> None:
         """`sample` has "__key__" and field -> bytes/str; keys must be unique within the set."""
         key = str(sample["__key__"])
         if key in self._keys:
-            raise ValueError(f"duplicate sample key {key!r}")
+            raise DataError(f"duplicate sample key {key!r}")
         if "." in key or "/" in key:
-            raise ValueError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits fields on them)")
+            raise DataError(f"sample key {key!r} may not contain '.' or '/' (webdataset splits fields on them)")
         self._keys.add(key)
         if self._tar is None or self.sizes[self._name] >= self.samples_per_shard:
             self._close_current()

@@ -1,4 +1,6 @@
-"""`mmcl prep|train|eval`: the only place that parses command lines; everything below receives configs."""
+"""`mmcl prep|train|eval|convert`: the only place that parses command lines; everything below receives
+configs. Errors a user can fix (mmcl.errors.UserError, missing or existing paths) print one line and
+exit with status 2; anything else is a defect and keeps its traceback."""
 
 from __future__ import annotations
 
@@ -8,48 +10,78 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from mmcl.config import ConfigError
+import torch
+from safetensors.torch import save_file
+
+from data_prep.digits import prepare_digits
+from data_prep.openclipart import prepare_openclipart
+from data_prep.pairs import folder_pairs, manifest_pairs, write_pairs
+from data_prep.spoken_digits import prepare_spoken_digits
+from data_prep.writer import brace_pattern
+from mmcl import config as config_lib
+from mmcl import dist
+from mmcl.checkpoint import convert
+from mmcl.checkpoint import state as checkpoints
+from mmcl.checkpoint.hf_clip import export_hf_clip, import_hf_clip
+from mmcl.errors import ConfigError, UserError
+from mmcl.eval.suite import evaluate_all
+from mmcl.models import load_model
+from mmcl.train.trainer import train
 
 
 def _prep(args: argparse.Namespace) -> None:
-    from data_prep.digits import prepare_digits
-    from data_prep.pairs import folder_pairs, manifest_pairs, write_pairs
-    from data_prep.writer import brace_pattern
-
     if args.source == "digits":
-        summary = prepare_digits(args.out, args.captions_per_image or 4, args.samples_per_shard, args.test_fraction,
-                                 args.seed)
-        print(f"digits: {summary['train_images']} training images ({sum(summary['train'].values())} samples, "
-              f"{len(summary['train'])} shards), {summary['test_images']} held-out images")
+        summary = prepare_digits(
+            args.out, args.captions_per_image or 4, args.samples_per_shard, args.test_fraction, args.seed
+        )
+        print(
+            f"digits: {summary['train_images']} training images ({sum(summary['train'].values())} samples, "
+            f"{len(summary['train'])} shards), {summary['test_images']} held-out images"
+        )
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
         return
     if args.source == "spoken-digits":
-        from data_prep.spoken_digits import prepare_spoken_digits
-
-        summary = prepare_spoken_digits(args.out, args.clips_per_voice, args.captions_per_image or 2,
-                                        args.samples_per_shard, args.test_fraction, args.seed)
-        print(f"spoken digits: {summary['train_images']} training images and {summary['train_clips']} clips "
-              f"({sum(summary['train'].values())} samples); {summary['test_images']} held-out images paired "
-              f"with clips of {summary['test_voices']} held-out voices")
+        summary = prepare_spoken_digits(
+            args.out,
+            args.clips_per_voice,
+            args.captions_per_image or 2,
+            args.samples_per_shard,
+            args.test_fraction,
+            args.seed,
+        )
+        print(
+            f"spoken digits: {summary['train_images']} training images and {summary['train_clips']} clips "
+            f"({sum(summary['train'].values())} samples); {summary['test_images']} held-out images paired "
+            f"with clips of {summary['test_voices']} held-out voices"
+        )
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
         return
     if args.source == "openclipart":
-        from data_prep.openclipart import prepare_openclipart
-
-        summary = prepare_openclipart(args.out, args.limit, args.image_size, args.test_fraction, args.seed,
-                                      samples_per_shard=args.samples_per_shard)
-        print(f"open clip art: {sum(summary['train'].values())} training and {sum(summary['test'].values())} held-out "
-              f"drawings in {summary['classes']} categories; {summary['rejected']} rejected (see _stats.json)")
+        summary = prepare_openclipart(
+            args.out,
+            args.limit,
+            args.image_size,
+            args.test_fraction,
+            args.seed,
+            samples_per_shard=args.samples_per_shard,
+        )
+        print(
+            f"open clip art: {sum(summary['train'].values())} training and {sum(summary['test'].values())} held-out "
+            f"drawings in {summary['classes']} categories; {summary['rejected']} rejected (see _stats.json)"
+        )
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
         return
     if args.source == "folder":
         pairs = folder_pairs(Path(args.input))
     else:
-        pairs = manifest_pairs(Path(args.input), args.image_column, args.caption_column, args.key_column,
-                               args.audio_column)
+        pairs = manifest_pairs(
+            Path(args.input), args.image_column, args.caption_column, args.key_column, args.audio_column
+        )
     stats = write_pairs(pairs, args.out, args.samples_per_shard)
-    print(f"wrote {stats['samples']} samples in {stats['shards']} shards; rejected {stats['rejected']} "
-          f"(see {Path(args.out) / '_stats.json'})")
+    print(
+        f"wrote {stats['samples']} samples in {stats['shards']} shards; rejected {stats['rejected']} "
+        f"(see {Path(args.out) / '_stats.json'})"
+    )
     if stats["shards"]:
         print(f"train shards: {brace_pattern(args.out, int(stats['shards']))}")
 
@@ -58,9 +90,6 @@ STOPPED = 3  # exit status of a run stopped on SIGTERM/SIGUSR1 after checkpointi
 
 
 def _train(args: argparse.Namespace) -> int:
-    from mmcl import config as config_lib
-    from mmcl.train.loop import train
-
     cfg = config_lib.load(args.config, args.overrides)
     result = train(cfg)
     print(f"run directory: {result.run_dir}")
@@ -68,16 +97,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import torch
-
-    from mmcl import config as config_lib
-    from mmcl.checkpoint import state as checkpoints
-    from mmcl.checkpoint.convert import open_clip_as_mmcl
-    from mmcl.eval.suite import evaluate_all
-    from mmcl.train.loop import evaluation_model, pick_device
-
     if args.open_clip:  # a plain open_clip architecture + checkpoint file
-        model, cfg = open_clip_as_mmcl(args.open_clip, args.checkpoint)
+        model, cfg = convert.open_clip_as_mmcl(args.open_clip, args.checkpoint)
         name, out = args.open_clip, Path(args.out or f"eval-{args.open_clip}.json")
     else:
         path = _checkpoint_dir(Path(args.checkpoint))
@@ -86,17 +107,26 @@ def _eval(args: argparse.Namespace) -> None:
     datasets = args.datasets or cfg.eval.datasets
     if not datasets:
         raise ConfigError("no datasets to evaluate: pass --datasets or set eval.datasets in the run's config")
-    device = pick_device(cfg.engine.device)
-    model = model.to(device).eval() if model is not None else evaluation_model(cfg, checkpoints.load_weights(path), device)
+    device = dist.resolve_device(cfg.engine.device)
+    model = (
+        model.to(device).eval() if model is not None else load_model(cfg.model, checkpoints.load_weights(path), device)
+    )
     with torch.no_grad():
-        evaluate_all(model, datasets, cfg.data.fields, cfg.eval.batch_size, cfg.eval.recall_k, out, device,
-                     model_name=name, progress=not args.quiet)
+        evaluate_all(
+            model,
+            datasets,
+            cfg.data.fields,
+            cfg.eval.batch_size,
+            cfg.eval.recall_k,
+            out,
+            device,
+            model_name=name,
+            progress=not args.quiet,
+        )
 
 
 def _checkpoint_dir(path: Path) -> Path:
     """A checkpoint directory, or a run directory's latest checkpoint."""
-    from mmcl.checkpoint import state as checkpoints
-
     if (path / "checkpoints").exists():
         latest = checkpoints.latest(path)
         if latest is None:
@@ -106,15 +136,7 @@ def _checkpoint_dir(path: Path) -> Path:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from mmcl import config as config_lib
-    from mmcl.checkpoint import convert
-    from mmcl.checkpoint import state as checkpoints
-
     if args.target == "from-hf":  # a CLIPModel directory -> mmcl weights + config (a checkpoint mmcl can eval)
-        from safetensors.torch import save_file
-
-        from mmcl.checkpoint.hf_clip import import_hf_clip
-
         state, cfg = import_hf_clip(Path(args.checkpoint))
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -124,12 +146,12 @@ def _convert(args: argparse.Namespace) -> None:
         return
     path = _checkpoint_dir(Path(args.checkpoint))
     if args.target == "hf":
-        from mmcl.checkpoint.hf_clip import export_hf_clip
-
         cfg = config_lib.from_yaml((path / "config.yaml").read_text())
         out = export_hf_clip(checkpoints.load_weights(path), cfg, Path(args.out))
-        print(f"Hugging Face CLIPModel in {out}; load with:\n"
-              f"  transformers.CLIPModel.from_pretrained({str(out)!r}), CLIPTokenizer.from_pretrained({str(out)!r})")
+        print(
+            f"Hugging Face CLIPModel in {out}; load with:\n"
+            f"  transformers.CLIPModel.from_pretrained({str(out)!r}), CLIPTokenizer.from_pretrained({str(out)!r})"
+        )
         return
     if args.target == "zero-fp32":
         out = convert.consolidate_zero(path, Path(args.out))
@@ -138,9 +160,11 @@ def _convert(args: argparse.Namespace) -> None:
     cfg = config_lib.from_yaml((path / "config.yaml").read_text())
     name = args.name or cfg.run.name
     config_path, weights = convert.export_open_clip(checkpoints.load_weights(path), cfg, Path(args.out), name)
-    print(f"open_clip model config {config_path} and weights {weights}; load with:\n"
-          f"  open_clip.add_model_config({str(config_path.parent)!r})\n"
-          f"  open_clip.create_model({name!r}, pretrained={str(weights)!r})")
+    print(
+        f"open_clip model config {config_path} and weights {weights}; load with:\n"
+        f"  open_clip.add_model_config({str(config_path.parent)!r})\n"
+        f"  open_clip.create_model({name!r}, pretrained={str(weights)!r})"
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -156,8 +180,12 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--caption-column", default="caption")
     prep.add_argument("--audio-column", default="audio")
     prep.add_argument("--key-column", default="key")
-    prep.add_argument("--captions-per-image", type=int, default=None,
-                      help="digits (default 4), spoken-digits (default 2): training samples per image")
+    prep.add_argument(
+        "--captions-per-image",
+        type=int,
+        default=None,
+        help="digits (default 4), spoken-digits (default 2): training samples per image",
+    )
     prep.add_argument("--limit", type=int, default=0, help="openclipart: at most this many drawings (0: all)")
     prep.add_argument("--image-size", type=int, default=64, help="openclipart: rendered PNG size")
     prep.add_argument("--clips-per-voice", type=int, default=3, help="spoken-digits: clips per voice and digit")
@@ -165,27 +193,46 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0)
     prep.set_defaults(run=_prep)
 
-    train = commands.add_parser("train", help="train from a YAML config with key.sub=value overrides")
-    train.add_argument("config")
-    train.add_argument("overrides", nargs="*")
-    train.set_defaults(run=_train)
+    training = commands.add_parser("train", help="train from a YAML config with key.sub=value overrides")
+    training.add_argument("config")
+    training.add_argument("overrides", nargs="*")
+    training.set_defaults(run=_train)
 
-    evaluate = commands.add_parser("eval", help="zero-shot evaluation of a checkpoint, a run directory, or an "
-                                   "open_clip checkpoint file (with --open-clip ARCHITECTURE)")
-    evaluate.add_argument("checkpoint", help="mmcl checkpoint or run directory; with --open-clip, its checkpoint file")
-    evaluate.add_argument("--datasets", nargs="*", default=None, help="dataset roots (default: the run's eval.datasets)")
-    evaluate.add_argument("--out", default="", help="results JSON (default: eval.json beside the checkpoint)")
-    evaluate.add_argument("--open-clip", default="", metavar="ARCHITECTURE",
-                          help="evaluate an open_clip model: its architecture name (e.g. ViT-B-32)")
-    evaluate.add_argument("--quiet", action="store_true", help="no progress bar")
-    evaluate.set_defaults(run=_eval)
-    convert = commands.add_parser("convert", help="export a checkpoint to open_clip, or consolidate ZeRO shards")
-    convert.add_argument("target", choices=["open-clip", "hf", "from-hf", "zero-fp32"])
-    convert.add_argument("checkpoint", help="checkpoint directory or run directory (its latest checkpoint); "
-                         "from-hf: a CLIPModel directory")
-    convert.add_argument("--out", required=True, help="open-clip, hf, from-hf: output directory; zero-fp32: output file")
-    convert.add_argument("--name", default="", help="open-clip: model config name (default: the run's name)")
-    convert.set_defaults(run=_convert)
+    evaluation = commands.add_parser(
+        "eval",
+        help="zero-shot evaluation of a checkpoint, a run directory, or an "
+        "open_clip checkpoint file (with --open-clip ARCHITECTURE)",
+    )
+    evaluation.add_argument(
+        "checkpoint", help="mmcl checkpoint or run directory; with --open-clip, its checkpoint file"
+    )
+    evaluation.add_argument(
+        "--datasets", nargs="*", default=None, help="dataset roots (default: the run's eval.datasets)"
+    )
+    evaluation.add_argument("--out", default="", help="results JSON (default: eval.json beside the checkpoint)")
+    evaluation.add_argument(
+        "--open-clip",
+        default="",
+        metavar="ARCHITECTURE",
+        help="evaluate an open_clip model: its architecture name (e.g. ViT-B-32)",
+    )
+    evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluation.set_defaults(run=_eval)
+    conversion = commands.add_parser(
+        "convert",
+        help="export a checkpoint to open_clip or a Hugging Face CLIPModel, "
+        "import a CLIPModel, or consolidate ZeRO shards",
+    )
+    conversion.add_argument("target", choices=["open-clip", "hf", "from-hf", "zero-fp32"])
+    conversion.add_argument(
+        "checkpoint",
+        help="checkpoint directory or run directory (its latest checkpoint); from-hf: a CLIPModel directory",
+    )
+    conversion.add_argument(
+        "--out", required=True, help="open-clip, hf, from-hf: output directory; zero-fp32: output file"
+    )
+    conversion.add_argument("--name", default="", help="open-clip: model config name (default: the run's name)")
+    conversion.set_defaults(run=_convert)
     return root
 
 
@@ -194,13 +241,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "prep" and args.source in ("folder", "manifest") and not args.input:
         parser().error(f"prep {args.source} needs an input path")
-    from mmcl.checkpoint.state import CheckpointError
-    from mmcl.train.loop import TrainingHalted
-
     try:
         return args.run(args) or 0
-    except (ConfigError, FileNotFoundError, FileExistsError, KeyError, ValueError, CheckpointError,
-            TrainingHalted) as error:
+    except (UserError, FileNotFoundError, FileExistsError) as error:
         print(f"mmcl {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,23 +1,40 @@
 """One typed tree of dataclasses for a whole run, loaded from defaults + YAML + `key.sub=value` overrides.
 
-OmegaConf merges the three layers against the dataclass schema, so an unknown key or a value of the
-wrong type fails at load time with the key's full dotted name, before any data is read or any model
-is built. `check` then validates what a schema cannot express (registry names, tower options).
+This module is data: the schema, the constraints of single values (declared beside each field as
+`choices` or `minimum`), and the two string forms configs use ("a-b" pairs, ";" field lists). OmegaConf
+merges the three layers against the schema, so an unknown key or a value of the wrong type fails at
+load time with the key's full dotted name, before any data is read or any model is built. What needs
+the registries (a loss or tower name, a tower's options, pairs of configured towers) is checked by the
+component that builds it, through `mmcl.train.trainer.check_config`, also before any compute.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from mmcl.errors import ConfigError
 
-class ConfigError(ValueError):
-    """A configuration problem, reported with the offending key's dotted name."""
+
+def choice(default: Any, *choices: Any) -> Any:
+    """A field whose value must be one of `choices` (the default among them)."""
+    return field(default=default, metadata={"choices": (default, *choices)})
+
+
+def at_least(default: Any, minimum: float) -> Any:
+    """A numeric field whose value must be at least `minimum`."""
+    return field(default=default, metadata={"minimum": minimum})
+
+
+def fraction(default: float, below_one: bool = False) -> Any:
+    """A number in [0, 1] (or [0, 1) with `below_one`)."""
+    return field(default=default, metadata={"minimum": 0.0, "maximum": 1.0, "below_maximum": below_one})
 
 
 @dataclass
@@ -25,10 +42,10 @@ class RunConfig:
     name: str = "run"
     output_dir: str = "runs"
     seed: int = 0
-    steps: int = 1000
-    log_every: int = 10
-    checkpoint_every: int = 500
-    keep_last: int = 2
+    steps: int = at_least(1000, 1)
+    log_every: int = at_least(10, 1)
+    checkpoint_every: int = at_least(500, 1)
+    keep_last: int = at_least(2, 1)
     resume: str = ""  # "" (fresh run), "latest", or a checkpoint directory
     progress: bool = True
     log_samples: bool = False  # write each step's sample keys to samples_rank<R>.jsonl (audit / debugging)
@@ -37,10 +54,10 @@ class RunConfig:
 @dataclass
 class DataConfig:
     train: str = MISSING  # shard URLs, brace notation; several sources joined by "::"
-    batch_size: int = 64
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    max_skipped_fraction: float = 0.1  # stop when more than this share of the samples read is unreadable
+    batch_size: int = at_least(64, 1)  # per process
+    workers: int = at_least(2, 0)
+    shuffle_buffer: int = at_least(1000, 0)
+    max_skipped_fraction: float = fraction(0.1)  # stop when more than this share of the samples read is unreadable
     # modality -> shard fields holding it, ";"-separated alternatives in order of preference
     fields: Dict[str, str] = field(
         default_factory=lambda: {"image": "jpg;jpeg;png;webp", "text": "txt", "audio": "flac;wav;ogg;mp3"}
@@ -53,7 +70,9 @@ class DataConfig:
 @dataclass
 class TowerConfig:
     type: str = MISSING  # a name in mmcl.models.TOWERS
-    preset: str = ""  # an open_clip model config (or an mmcl preset) whose tower settings are the base
+    # An open_clip model config (or an mmcl preset) whose tower settings are the base, its top-level
+    # `quick_gelu` flag included.
+    preset: str = ""
     options: Dict[str, Any] = field(default_factory=dict)  # overrides of the preset's tower settings
     locked: bool = False  # freeze the tower's parameters
     grad_checkpointing: bool = False  # recompute the tower's activations in backward (less memory)
@@ -61,7 +80,7 @@ class TowerConfig:
 
 @dataclass
 class ModelConfig:
-    embed_dim: int = 512
+    embed_dim: int = at_least(512, 1)
     towers: Dict[str, TowerConfig] = field(default_factory=dict)  # keyed by modality
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
@@ -79,12 +98,18 @@ class LossConfig:
     pair_weights: Dict[str, float] = field(default_factory=dict)  # "image-text" -> weight (default 1)
     anchor: str = ""  # ImageBind-style: every modality against this one
     label_smoothing: float = 0.0  # infonce, infonce_tiled
-    chunk_size: int = 1024  # infonce_tiled: rows of logits held at once
-    beta: float = 0.5  # hcl, hn_nce: hardness concentration
+    chunk_size: int = at_least(1024, 1)  # infonce_tiled: rows of logits held at once
+    beta: float = at_least(0.5, 0.0)  # hcl, hn_nce: hardness concentration (0: no reweighting)
     alpha: float = 1.0  # hn_nce: weight of the positive in the denominator
-    tau_plus: float = 0.1  # hcl: prior probability that a negative is a positive
-    siglip_exchange: str = "gather"  # siglip across processes: gather | ring
-    positive_aggregation: str = "geometric"  # multi_positive: geometric (SupCon) | arithmetic (Poly-View)
+    tau_plus: float = fraction(0.1, below_one=True)  # hcl: prior probability that a negative is a positive
+    siglip_exchange: str = choice("gather", "ring")  # siglip across processes
+    positive_aggregation: str = choice("geometric", "arithmetic")  # multi_positive: SupCon | Poly-View
+    # symile: negatives from the product of the other modalities' marginals, N per row (each one's rows
+    # shuffled, as the authors default to) or all N^(M-1) combinations.
+    symile_negatives: str = choice("n", "n_squared")
+    # infonce, dcl, hcl: also contrast each anchor with the other samples of its own modality (the
+    # papers' SimCLR form: 2B - 2 negatives); off: the other modality's samples only, as CLIP.
+    same_modality_negatives: bool = False
 
 
 @dataclass
@@ -94,19 +119,20 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
-    warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = at_least(100, 0)
+    schedule: str = choice("cosine", "constant")
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
-    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/Inf loss or gradient
+    max_nonfinite_steps: int = at_least(5, 1)  # stop after this many steps in a row with a NaN/Inf loss or gradient
 
 
 @dataclass
 class EngineConfig:
-    backend: str = "torch"  # torch (one process) | deepspeed (any number of processes)
-    zero_stage: int = 0  # deepspeed: ZeRO stage 0 (data parallel), 1, 2 or 3
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16
+    backend: str = choice("torch", "deepspeed")  # torch: one process; deepspeed: any number
+    zero_stage: int = choice(0, 1, 2, 3)  # deepspeed: ZeRO stage 0 (data parallel), 1, 2 or 3
+    # The device every process computes on, and so the process group's backend (cpu: gloo, cuda: NCCL).
+    device: str = choice("auto", "cpu", "cuda")  # auto: cuda when a GPU is visible
+    precision: str = choice("fp32", "bf16")
     # Gradient cache: modality -> chunk size (rows embedded with autograd at a time); empty: plain backward.
     grad_cache: Dict[str, int] = field(default_factory=dict)
 
@@ -114,9 +140,9 @@ class EngineConfig:
 @dataclass
 class EvalConfig:
     datasets: List[str] = field(default_factory=list)  # dataset roots (classnames.txt, templates, test/ shards)
-    batch_size: int = 256
+    batch_size: int = at_least(256, 1)
     recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
-    every_steps: int = 0  # also evaluate during training every N steps (0: only at the end)
+    every_steps: int = at_least(0, 0)  # also evaluate during training every N steps (0: only at the end)
 
 
 @dataclass
@@ -130,19 +156,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-_CHOICES = {
-    "optim.schedule": ("cosine", "constant"),
-    "engine.backend": ("torch", "deepspeed"),
-    "engine.zero_stage": (0, 1, 2, 3),
-    "engine.device": ("auto", "cpu", "cuda"),
-    "engine.precision": ("fp32", "bf16"),
-    "loss.siglip_exchange": ("gather", "ring"),
-    "loss.positive_aggregation": ("geometric", "arithmetic"),
-}
-
-
 def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file, then `a.b=c` overrides; validated, as plain dataclasses."""
+    """Defaults, then the YAML file, then `a.b=c` overrides; typed and checked value by value."""
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
@@ -154,80 +169,51 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
-        config: Config = OmegaConf.to_object(merged)
+        config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         raise ConfigError(f"config key {key!r}: {error.msg if hasattr(error, 'msg') else error}") from None
-    check(config)
+    check_values(config)
     return config
 
 
-def check(config: Config) -> None:
-    """Checks a schema cannot express: enumerations, registry names, ranges, tower options."""
-    from mmcl.losses import LOSSES  # local imports: the registries import torch, the schema does not
-    from mmcl.models import TOWERS
-
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(config, section), name)
-        if value not in allowed:
-            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, allowed))}")
-    if config.loss.name not in LOSSES:
-        raise ConfigError(f"config key 'loss.name': unknown loss {config.loss.name!r}; known: {', '.join(LOSSES.names())}")
-    if len(config.model.towers) < 2:
-        raise ConfigError("config key 'model.towers': at least two towers are needed")
-    for modality, tower in config.model.towers.items():
-        key = f"model.towers.{modality}"
-        if tower.type not in TOWERS:
-            raise ConfigError(f"config key '{key}.type': unknown tower {tower.type!r}; known: {', '.join(TOWERS.names())}")
-        TOWERS.get(tower.type).check(tower, key)
-        if modality not in config.data.fields:
-            raise ConfigError(f"config key 'data.fields': no shard field given for tower modality {modality!r}")
-    if config.model.init_from and not Path(config.model.init_from).exists():
-        raise ConfigError(f"config key 'model.init_from': {config.model.init_from} does not exist")
-    for key, value in (("data.batch_size", config.data.batch_size), ("run.steps", config.run.steps),
-                       ("model.embed_dim", config.model.embed_dim), ("run.keep_last", config.run.keep_last)):
-        if value < 1:
-            raise ConfigError(f"config key {key!r}: must be at least 1, got {value}")
-    check_loss(config)
-    for modality, chunk in config.engine.grad_cache.items():
-        key = f"engine.grad_cache.{modality}"
-        if modality not in config.model.towers:
-            raise ConfigError(f"config key {key!r}: no tower {modality!r}")
-        if not 1 <= chunk <= config.data.batch_size:
-            raise ConfigError(f"config key {key!r}: chunk size {chunk} must be in 1..data.batch_size "
-                              f"({config.data.batch_size})")
-    if config.data.workers < 0:
-        raise ConfigError(f"config key 'data.workers': must be >= 0, got {config.data.workers}")
+def check_values(node: Any, prefix: str = "") -> None:
+    """Every field's declared `choices` and `minimum`, through the whole tree."""
+    for spec in dataclasses.fields(node):
+        key, value = f"{prefix}{spec.name}", getattr(node, spec.name)
+        if dataclasses.is_dataclass(value):
+            check_values(value, f"{key}.")
+        elif isinstance(value, dict) and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for name, child in value.items():
+                check_values(child, f"{key}.{name}.")
+        elif "choices" in spec.metadata and value not in spec.metadata["choices"]:
+            raise ConfigError(
+                f"config key {key!r}: {value!r} is not one of {', '.join(map(str, spec.metadata['choices']))}"
+            )
+        elif "minimum" in spec.metadata and value < spec.metadata["minimum"]:
+            raise ConfigError(f"config key {key!r}: must be at least {spec.metadata['minimum']}, got {value}")
+        elif "maximum" in spec.metadata and (
+            value > spec.metadata["maximum"] or (spec.metadata["below_maximum"] and value == spec.metadata["maximum"])
+        ):
+            bound = "below" if spec.metadata["below_maximum"] else "at most"
+            raise ConfigError(f"config key {key!r}: must be {bound} {spec.metadata['maximum']}, got {value}")
 
 
-def check_loss(config: Config) -> None:
-    loss, towers = config.loss, set(config.model.towers)
-    for pair in loss.pairs:
-        ends = pair.split("-")
-        if len(ends) != 2 or ends[0] == ends[1] or not set(ends) <= towers:
-            raise ConfigError(f"config key 'loss.pairs': {pair!r} is not 'a-b' for two different towers of {sorted(towers)}")
-    for pair in loss.pair_weights:
-        if pair not in (loss.pairs or [f"{a}-{b}" for a in towers for b in towers if a != b]):
-            raise ConfigError(f"config key 'loss.pair_weights.{pair}': not a pair the loss uses")
-    if loss.anchor and loss.anchor not in towers:
-        raise ConfigError(f"config key 'loss.anchor': {loss.anchor!r} is not a tower ({', '.join(sorted(towers))})")
-    if loss.name == "symile" and len(towers) < 3:
-        raise ConfigError(f"config key 'loss.name': symile needs three or more towers, got {len(towers)}")
-    if not 0 <= loss.tau_plus < 1:
-        raise ConfigError(f"config key 'loss.tau_plus': must be in [0, 1), got {loss.tau_plus}")
-    for modality in config.data.optional_modalities:
-        if modality not in towers:
-            raise ConfigError(f"config key 'data.optional_modalities': {modality!r} is not a tower "
-                              f"({', '.join(sorted(towers))})")
-    if config.data.optional_modalities:
-        from mmcl.losses import build_loss
+def parse_pair(text: str, key: str = "loss.pairs") -> Tuple[str, str]:
+    """'image-text' -> ("image", "text"); a ConfigError naming `key` for anything else."""
+    ends = text.split("-")
+    if len(ends) != 2 or not all(ends) or ends[0] == ends[1]:
+        raise ConfigError(f"config key {key!r}: {text!r} is not a pair 'a-b' of two different modalities")
+    return ends[0], ends[1]
 
-        if not build_loss(loss).takes_missing:
-            raise ConfigError(f"config key 'loss.name': {loss.name!r} cannot score batches with missing "
-                              "modalities (data.optional_modalities is set)")
-    if loss.chunk_size < 1:
-        raise ConfigError(f"config key 'loss.chunk_size': must be at least 1, got {loss.chunk_size}")
+
+def pair_name(a: str, b: str) -> str:
+    return f"{a}-{b}"
+
+
+def parse_fields(text: str) -> List[str]:
+    """'jpg;png' -> ["jpg", "png"]: a modality's shard fields in order of preference."""
+    return [name for name in text.split(";") if name]
 
 
 def to_yaml(config: Config) -> str:
@@ -237,4 +223,4 @@ def to_yaml(config: Config) -> str:
 def from_yaml(text: str) -> Config:
     """A config previously written by `to_yaml` (for example, the one stored in a checkpoint)."""
     merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]

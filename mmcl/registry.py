@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable, Dict, Generic, List, TypeVar
 
+from mmcl.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -25,6 +27,11 @@ class Registry(Generic[T]):
         if name not in self._entries:
             raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
         return self._entries[name]
+
+    def check(self, name: str, key: str) -> None:
+        """A ConfigError naming the config `key` when `name` is not registered."""
+        if name not in self._entries:
+            raise ConfigError(f"config key {key!r}: unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
 
     def names(self) -> List[str]:
         return sorted(self._entries)

@@ -17,8 +17,15 @@ def _entry(rank, world, port, fn, args):
     # A forked child must not reuse the parent's OpenMP pool (it can hang); one thread each also keeps
     # N processes from oversubscribing the cores.
     torch.set_num_threads(1)
-    os.environ.update({"WORLD_SIZE": str(world), "RANK": str(rank), "LOCAL_RANK": str(rank),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    os.environ.update(
+        {
+            "WORLD_SIZE": str(world),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+        }
+    )
     fn(rank, world, *args)
 
 

@@ -1,13 +1,18 @@
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from mmcl import config as config_lib
-from mmcl.config import ConfigError
+from mmcl.errors import ConfigError
+from mmcl.train.trainer import check_config
 
-from conftest import tiny_overrides
+from conftest import REPO, tiny_overrides
+
+
+def load_and_check(overrides):
+    """What `mmcl train` does before any compute: load the values, then every component's check."""
+    check_config(config_lib.load(None, overrides))
 
 
 def test_defaults_yaml_and_overrides_merge(tmp_path):
@@ -20,11 +25,14 @@ def test_defaults_yaml_and_overrides_merge(tmp_path):
     assert cfg.model.towers["image"].preset == "mmcl-tiny"
 
 
-@pytest.mark.parametrize("override, key", [
-    ("optim.lrr=1", "optim.lrr"),
-    ("nonsense=1", "nonsense"),
-    ("model.towers.image.presett=x", "model.towers.image.presett"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.lrr=1", "optim.lrr"),
+        ("nonsense=1", "nonsense"),
+        ("model.towers.image.presett=x", "model.towers.image.presett"),
+    ],
+)
 def test_unknown_key_is_named(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         config_lib.load(None, tiny_overrides("x.tar") + [override])
@@ -42,48 +50,62 @@ def test_wrong_type_is_named():
         config_lib.load(None, tiny_overrides("x.tar", **{"data.batch_size": "many"}))
 
 
-@pytest.mark.parametrize("override, key", [
-    ("model.towers.image.type=resnet_pp", "model.towers.image.type"),
-    ("model.towers.image.options.widthh=3", "model.towers.image.options.widthh"),
-    ("model.towers.text.preset=NoSuchModel", "model.towers.text.preset"),
-    ("loss.name=triplet", "loss.name"),
-    ("optim.schedule=linear", "optim.schedule"),
-    ("data.batch_size=0", "data.batch_size"),
-    ("loss.pairs=[image-audio]", "loss.pairs"),
-    ("loss.pairs=[image-image]", "loss.pairs"),
-    ("loss.anchor=audio", "loss.anchor"),
-    ("loss.name=symile", "loss.name"),
-    ("loss.siglip_exchange=allreduce", "loss.siglip_exchange"),
-    ("loss.positive_aggregation=median", "loss.positive_aggregation"),
-    ("loss.pair_weights.image-audio=2", "loss.pair_weights.image-audio"),
-    ("loss.tau_plus=1.0", "loss.tau_plus"),
-    ("engine.grad_cache.image=64", "engine.grad_cache.image"),
-    ("engine.grad_cache.audio=4", "engine.grad_cache.audio"),
-    ("data.optional_modalities=[audio]", "data.optional_modalities"),
-    ("model.towers.image.options.patch_size=4", None),  # valid: a control for the list's neighbours
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.towers.image.type=resnet_pp", "model.towers.image.type"),
+        ("model.towers.image.options.widthh=3", "model.towers.image.options.widthh"),
+        ("model.towers.text.preset=NoSuchModel", "model.towers.text.preset"),
+        ("loss.name=triplet", "loss.name"),
+        ("optim.schedule=linear", "optim.schedule"),
+        ("data.batch_size=0", "data.batch_size"),
+        ("loss.pairs=[image-audio]", "loss.pairs"),
+        ("loss.pairs=[image-image]", "loss.pairs"),
+        ("loss.anchor=audio", "loss.anchor"),
+        ("loss.name=symile", "loss.name"),
+        ("loss.siglip_exchange=allreduce", "loss.siglip_exchange"),
+        ("loss.positive_aggregation=median", "loss.positive_aggregation"),
+        ("loss.pair_weights.image-audio=2", "loss.pair_weights.image-audio"),
+        ("loss.tau_plus=1.0", "loss.tau_plus"),
+        ("engine.grad_cache.image=64", "engine.grad_cache.image"),
+        ("engine.grad_cache.audio=4", "engine.grad_cache.audio"),
+        ("data.optional_modalities=[audio]", "data.optional_modalities"),
+        ("loss.symile_negatives=n_cubed", "loss.symile_negatives"),
+    ("loss.beta=-1", "loss.beta"),
+        ("loss.same_modality_negatives=true", None),  # offered by infonce (the default loss)
+        ("loss.name=hn_nce", None),
+        ("model.towers.image.options.patch_size=4", None),  # valid: a control for the list's neighbours
+    ],
+)
 def test_semantic_errors_are_named(override, key):
     if key is None:
-        config_lib.load(None, tiny_overrides("x.tar") + [override])
+        load_and_check(tiny_overrides("x.tar") + [override])
         return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config_lib.load(None, tiny_overrides("x.tar") + [override])
+        load_and_check(tiny_overrides("x.tar") + [override])
 
 
 AUDIO = ["model.towers.audio.type=audio_spectrogram", "model.towers.audio.preset=mmcl-tiny"]
 
 
-@pytest.mark.parametrize("overrides, key", [
-    (["model.towers.audio.preset=huge"], "model.towers.audio.preset"),
-    (["model.towers.audio.options.n_mels=30"], "model.towers.audio.options"),  # not a multiple of patch_freq
-    (["model.towers.audio.options.mels=30"], "model.towers.audio.options.mels"),
-    (["data.optional_modalities=[image,audio]", "loss.name=symile"], "loss.name"),
-    (["data.optional_modalities=[image]", "loss.name=siglip", "loss.siglip_exchange=ring"], "loss.name"),
-])
+@pytest.mark.parametrize(
+    "overrides, key",
+    [
+        (["model.towers.audio.preset=huge"], "model.towers.audio.preset"),
+        (["model.towers.audio.options.n_mels=30"], "model.towers.audio.options"),  # not a multiple of patch_freq
+        (["model.towers.audio.options.mels=30"], "model.towers.audio.options.mels"),
+        (["data.optional_modalities=[image,audio]", "loss.name=symile"], "loss.name"),
+        (["data.optional_modalities=[image]", "loss.name=siglip", "loss.siglip_exchange=ring"], "loss.name"),
+        (["loss.name=siglip", "loss.same_modality_negatives=true"], "loss.same_modality_negatives"),
+        (["loss.name=symile", "loss.same_modality_negatives=true"], "loss.same_modality_negatives"),
+        (["loss.same_modality_negatives=true", "loss.label_smoothing=0.1"], "loss.label_smoothing"),
+        (["model.towers.image.options.quick_gelu=maybe"], "model.towers.image.options"),
+    ],
+)
 def test_audio_and_missing_modality_errors_are_named(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        config_lib.load(None, tiny_overrides("x.tar") + AUDIO + overrides)
-    config_lib.load(None, tiny_overrides("x.tar") + AUDIO + ["data.optional_modalities=[image,audio]"])
+        load_and_check(tiny_overrides("x.tar") + AUDIO + overrides)
+    load_and_check(tiny_overrides("x.tar") + AUDIO + ["data.optional_modalities=[image,audio]"])
 
 
 def test_missing_required_value():
@@ -101,9 +123,19 @@ def test_yaml_round_trip():
 def test_cli_rejects_bad_key_before_any_compute(tmp_path):
     # The shards do not exist: the run must stop at the config, not at the data.
     result = subprocess.run(
-        [sys.executable, "-m", "mmcl.cli", "train", "configs/digits.yaml", "optim.warmup=3",
-         f"run.output_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120, cwd=Path(__file__).parents[1],
+        [
+            sys.executable,
+            "-m",
+            "mmcl.cli",
+            "train",
+            "configs/digits.yaml",
+            "optim.warmup=3",
+            f"run.output_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
     )
     assert result.returncode == 2
     assert "optim.warmup" in result.stderr

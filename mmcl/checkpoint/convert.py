@@ -10,12 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
+import open_clip
 import torch
+from open_clip.factory import load_state_dict
 from safetensors.torch import save_file
 
-from mmcl.config import Config, ConfigError
+from mmcl import config as config_lib
+from mmcl.checkpoint.state import DEEPSPEED_TAG
+from mmcl.config import Config
+from mmcl.errors import ConfigError
+from mmcl.models import MultiEncoder
+from mmcl.models.towers import OpenClipTextTower, OpenClipVisionTower
 
 # (mmcl prefix, open_clip prefix): a key starting with the left prefix maps to the right one.
 OPEN_CLIP_PREFIXES: List[Tuple[str, str]] = [
@@ -31,15 +38,17 @@ SCALARS = {"logit_scale", "logit_bias"}  # 0-dim in open_clip
 def check_open_clip_compatible(cfg: Config) -> None:
     towers = {m: t.type for m, t in cfg.model.towers.items()}
     if towers != OPEN_CLIP_TOWERS:
-        raise ConfigError(f"open_clip's CLIP holds exactly an open_clip image and text tower; this model has "
-                          f"{towers}: the parts {sorted(set(towers.items()) ^ set(OPEN_CLIP_TOWERS.items()))} "
-                          "cannot be expressed")
+        raise ConfigError(
+            f"open_clip's CLIP holds exactly an open_clip image and text tower; this model has "
+            f"{towers}: the parts {sorted(set(towers.items()) ^ set(OPEN_CLIP_TOWERS.items()))} "
+            "cannot be expressed"
+        )
 
 
 def _rename(key: str, table: List[Tuple[str, str]]) -> str:
     for source, target in table:
         if key.startswith(source):
-            return target + key[len(source):]
+            return target + key[len(source) :]
     raise KeyError(f"no mapping for parameter {key!r}")
 
 
@@ -62,20 +71,28 @@ def from_open_clip_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tens
     return out
 
 
-def open_clip_model_config(cfg: Config) -> Dict[str, object]:
+def _tower_settings(tower_class: Any, cfg: Config, modality: str) -> Dict[str, Any]:
+    # Unset (None) settings are left out: open_clip fills its own defaults for them.
+    values = dataclasses.asdict(tower_class.settings(cfg.model.towers[modality]))
+    return {k: v for k, v in values.items() if v is not None}
+
+
+def open_clip_model_config(cfg: Config) -> Dict[str, Any]:
     """The open_clip model config (what its JSON model configs hold) of an mmcl image-text model."""
-    from mmcl.models.towers import OpenClipTextTower, OpenClipVisionTower
-
     check_open_clip_compatible(cfg)
-    def settings(tower_class, modality: str) -> Dict[str, object]:
-        # Unset (None) settings are left out: open_clip fills its own defaults for them.
-        values = dataclasses.asdict(tower_class.settings(cfg.model.towers[modality]))
-        return {k: v for k, v in values.items() if v is not None}
-
-    model_cfg: Dict[str, object] = {
+    vision = _tower_settings(OpenClipVisionTower, cfg, "image")
+    text = _tower_settings(OpenClipTextTower, cfg, "text")
+    quick_gelu = {vision.pop("quick_gelu"), text.pop("quick_gelu")}  # one model-level flag in open_clip
+    if len(quick_gelu) > 1:
+        raise ConfigError(
+            "config key 'model.towers.text.options.quick_gelu': open_clip's CLIP uses one activation "
+            "for both towers; these differ"
+        )
+    model_cfg: Dict[str, Any] = {
         "embed_dim": cfg.model.embed_dim,
-        "vision_cfg": settings(OpenClipVisionTower, "image"),
-        "text_cfg": settings(OpenClipTextTower, "text"),
+        "quick_gelu": quick_gelu.pop(),
+        "vision_cfg": vision,
+        "text_cfg": text,
     }
     if cfg.model.init_logit_bias is not None:
         model_cfg["init_logit_bias"] = cfg.model.init_logit_bias
@@ -98,67 +115,35 @@ def export_open_clip(state: Dict[str, torch.Tensor], cfg: Config, out_dir: Path,
 def consolidate_zero(checkpoint: Path, out_file: Path) -> Path:
     """One fp32 safetensors file from DeepSpeed's sharded ZeRO state (any stage, any world size),
     by DeepSpeed's own consolidation."""
+    # Imported here: DeepSpeed's import takes seconds and only this conversion needs it.
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mmcl.train.engine import DeepSpeedEngine
-
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DeepSpeedEngine.TAG)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=DEEPSPEED_TAG)
     save_file({k: v.float().contiguous() for k, v in state.items()}, out_file)
     return Path(out_file)
 
 
-def open_clip_as_mmcl(architecture: str, checkpoint_file: str | Path) -> Tuple[torch.nn.Module, Config]:
+def open_clip_as_mmcl(architecture: str, checkpoint_file: str | Path) -> Tuple[MultiEncoder, Config]:
     """An open_clip architecture (a model config name) with a local checkpoint file, as an mmcl image-text
     model and the config that builds it, so mmcl evaluates (or fine-tunes) it like its own models."""
-    import open_clip
-    from open_clip.factory import load_state_dict
-
-    from mmcl import config as config_lib
-    from mmcl.models import MultiEncoder
-
     model_cfg = open_clip.get_model_config(architecture)
     if model_cfg is None:
-        raise ValueError(f"unknown open_clip architecture {architecture!r}; see open_clip.list_models()")
+        raise ConfigError(f"unknown open_clip architecture {architecture!r}; see open_clip.list_models()")
     state = load_state_dict(str(checkpoint_file), weights_only=True)  # never unpickles arbitrary objects
-    cfg = config_lib.load(None, [
-        "data.train=unused", f"run.name={architecture}", f"model.embed_dim={model_cfg['embed_dim']}",
-        "model.towers.image.type=open_clip_vision", f"model.towers.image.preset={architecture}",
-        "model.towers.text.type=open_clip_text", f"model.towers.text.preset={architecture}",
-        *(["model.init_logit_bias=0.0"] if "logit_bias" in state else [])])
+    cfg = config_lib.load(
+        None,
+        [
+            "data.train=unused",
+            f"run.name={architecture}",
+            f"model.embed_dim={model_cfg['embed_dim']}",
+            "model.towers.image.type=open_clip_vision",
+            f"model.towers.image.preset={architecture}",
+            "model.towers.text.type=open_clip_text",
+            f"model.towers.text.preset={architecture}",
+            *(["model.init_logit_bias=0.0"] if "logit_bias" in state else []),
+        ],
+    )
     check_open_clip_compatible(cfg)
     model = MultiEncoder(cfg.model)
     model.load_state_dict(from_open_clip_state(state))
     return model, cfg
-
-
-def initial_weights(path: str | Path) -> Dict[str, torch.Tensor]:
-    """mmcl-named weights from an mmcl checkpoint directory, a Hugging Face CLIPModel directory, or an
-    open_clip checkpoint file, told apart by what the path holds."""
-    from open_clip.factory import load_state_dict
-
-    path = Path(path)
-    if (path / "config.json").is_file():
-        from mmcl.checkpoint.hf_clip import import_hf_clip
-
-        return import_hf_clip(path)[0]
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(path / "model.safetensors")
-    if path.is_file():
-        return from_open_clip_state(load_state_dict(str(path), weights_only=True))
-    raise FileNotFoundError(f"{path}: neither an mmcl checkpoint, a CLIPModel directory nor a checkpoint file")
-
-
-def load_initial_weights(model: torch.nn.Module, path: str | Path) -> List[str]:
-    """Copy the weights at `path` into `model`; returns the parameters it lacks (towers that start
-    fresh). Weights the model has no place for, or of another shape, are a ConfigError."""
-    weights = initial_weights(path)
-    own = model.state_dict()
-    unexpected = sorted(set(weights) - set(own))
-    wrong_shape = [k for k in weights if k in own and weights[k].shape != own[k].shape]
-    if unexpected or wrong_shape:
-        raise ConfigError(f"config key 'model.init_from': {path} does not fit the configured model: "
-                          f"no place for {unexpected[:5]}, other shapes for {wrong_shape[:5]}")
-    model.load_state_dict(weights, strict=False)
-    return sorted(set(own) - set(weights))

@@ -1,8 +1,9 @@
 """Atomic, resumable checkpoints: <run>/checkpoints/step_XXXXXXXX/ and a `latest` file beside them.
 
 A checkpoint directory holds the engine's state (engine.pt, or DeepSpeed's sharded files), one
-rng_<rank>.pt per process, the full weights (model.safetensors), config.yaml and meta.json. Every process writes into a hidden
-temporary directory; process 0 renames it into place only when all have finished, then replaces
+rng_<rank>.pt per process, the full weights (model.safetensors), config.yaml and meta.json. Every
+process writes into a hidden temporary directory; process 0 renames it into place only when all have
+finished, then replaces
 `latest` atomically, so a crash mid-save never leaves a partial checkpoint as the latest one.
 Our own files load with `weights_only=True`: no arbitrary unpickling.
 """
@@ -14,19 +15,28 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import Any, Dict, Optional, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from mmcl import dist
-
-if TYPE_CHECKING:
-    from mmcl.train.engine import Engine
+from mmcl.errors import CheckpointError
 
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"  # the full model weights, for evaluation and conversion
+DEEPSPEED_TAG = "deepspeed"  # the folder DeepSpeed's own (sharded) files go in, inside a checkpoint
+
+
+class Checkpointable(Protocol):
+    """What a checkpoint needs of the training engine (every method is collective)."""
+
+    def save(self, directory: Path, client_state: Dict[str, Any]) -> None: ...
+
+    def load(self, directory: Path) -> Dict[str, Any]: ...
+
+    def model_state(self) -> Dict[str, torch.Tensor]: ...
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -42,8 +52,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _rng_states() -> Dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    return {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 def _restore_rng(states: Dict[str, Any]) -> None:
@@ -53,11 +66,9 @@ def _restore_rng(states: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written; the previous one is untouched and still the latest."""
-
-
-def save(run_dir: Path, step: int, engine: "Engine", meta: Dict[str, Any], config_yaml: str, keep_last: int) -> Path:
+def save(
+    run_dir: Path, step: int, engine: Checkpointable, meta: Dict[str, Any], config_yaml: str, keep_last: int
+) -> Path:
     """Collective: every process calls it with the same step; returns the checkpoint directory."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
@@ -81,8 +92,10 @@ def save(run_dir: Path, step: int, engine: "Engine", meta: Dict[str, Any], confi
         # a failed write as RuntimeError): remove the partial directory, keep what was there
         shutil.rmtree(tmp, ignore_errors=True)
         reason = getattr(error, "strerror", None) or str(error).splitlines()[0]
-        raise CheckpointError(f"could not write the checkpoint of step {step} ({reason}); "
-                              f"the latest checkpoint is still {latest(run_dir) or 'none'}") from error
+        raise CheckpointError(
+            f"could not write the checkpoint of step {step} ({reason}); "
+            f"the latest checkpoint is still {latest(run_dir) or 'none'}"
+        ) from error
     if dist.rank() == 0:
         _publish(root, tmp, final)
         _prune(root, keep_last)
@@ -136,7 +149,7 @@ def resolve(run_dir: Path, resume: str) -> Optional[Path]:
         return latest(run_dir)
     path = Path(resume)
     if not (path / META_FILE).exists():
-        raise FileNotFoundError(f"run.resume={resume!r}: not a complete checkpoint (no {META_FILE})")
+        raise CheckpointError(f"run.resume={resume!r}: not a complete checkpoint (no {META_FILE})")
     return path
 
 
@@ -144,12 +157,14 @@ def read_meta(path: Path) -> Dict[str, Any]:
     return json.loads((Path(path) / META_FILE).read_text())
 
 
-def load(path: Path, engine: "Engine") -> Dict[str, Any]:
+def load(path: Path, engine: Checkpointable) -> Dict[str, Any]:
     """Collective: restores the engine and this process's RNG; returns the checkpoint's meta data."""
     meta = read_meta(path)
     if meta["world_size"] != dist.world_size():
-        raise ValueError(f"{path} was written by {meta['world_size']} processes, this run has "
-                         f"{dist.world_size()}: resume with the same number of processes")
+        raise CheckpointError(
+            f"{path} was written by {meta['world_size']} processes, this run has "
+            f"{dist.world_size()}: resume with the same number of processes"
+        )
     engine.load(path)
     _restore_rng(torch.load(Path(path) / f"rng_{dist.rank()}.pt", weights_only=True))
     return meta

@@ -15,6 +15,8 @@ import numpy as np
 import soundfile
 from PIL import Image
 
+from mmcl.errors import DataError
+
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp", "gif", "ppm", "tif", "tiff"})
 AUDIO_EXTENSIONS = frozenset({"wav", "flac", "ogg", "opus", "mp3"})
 TEXT_EXTENSIONS = frozenset({"txt", "text", "caption", "json", "cls", "label"})
@@ -91,7 +93,7 @@ def check_fields(kind: str, fields: Sequence[str]) -> None:
     allowed, _ = DECODERS[kind]
     for name in fields:
         if name.rsplit(".", 1)[-1] not in allowed:
-            raise ValueError(f"field {name!r} cannot hold {kind} data; allowed extensions: {', '.join(sorted(allowed))}")
+            raise DataError(f"field {name!r} cannot hold {kind} data; allowed extensions: {', '.join(sorted(allowed))}")
 
 
 def decode_field(sample: Mapping[str, object], kind: str, fields: Sequence[str]) -> object:

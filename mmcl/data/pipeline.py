@@ -1,4 +1,4 @@
-"""build_stream / build_eval_loader: one webdataset pipeline from shards to typed Batches.
+"""TrainStream / build_eval_loader: one webdataset pipeline from shards to typed Batches.
 
 shards (seeded order) -> node split -> worker split -> tar samples -> shuffle -> decode + preprocess
 -> batch. A modality given a placeholder may be missing from a sample: the placeholder stands in and
@@ -17,9 +17,11 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 import webdataset as wds
 
+from mmcl.config import DataConfig
 from mmcl.data.batch import Batch
 from mmcl.data.decode import SampleError, check_fields, decode_field
 from mmcl.data.shards import expand_urls, shard_order
+from mmcl.errors import ConfigError, DataError
 
 log = logging.getLogger("mmcl.data")
 
@@ -36,6 +38,17 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         check_fields(self.kind, self.fields)
+
+
+def check_data_config(cfg: DataConfig, modalities: Sequence[str], key: str = "data") -> None:
+    """A ConfigError naming the key for data settings the towers cannot be fed from."""
+    for modality in modalities:
+        if modality not in cfg.fields:
+            raise ConfigError(f"config key '{key}.fields': no shard field given for tower modality {modality!r}")
+    for modality in cfg.optional_modalities:
+        if modality not in modalities:
+            raise ConfigError(f"config key '{key}.optional_modalities': {modality!r} is not a tower "
+                              f"({', '.join(sorted(modalities))})")
 
 
 class SkipLog:
@@ -98,9 +111,10 @@ def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Opti
 def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> Batch:
     batch_inputs, present = {}, {}
     for modality, spec in inputs.items():
-        rows = [tensors[modality] for _, tensors in items]
+        rows: List[Optional[torch.Tensor]] = [tensors[modality] for _, tensors in items]
         present[modality] = torch.tensor([row is not None for row in rows])  # (B,) bool
-        batch_inputs[modality] = torch.stack([spec.placeholder if row is None else row for row in rows])  # (B, ...)
+        filled = [row if row is not None else spec.placeholder for row in rows]  # a None row has a placeholder
+        batch_inputs[modality] = torch.stack(filled)  # type: ignore[arg-type]  # (B, ...)
     return Batch(inputs=batch_inputs, keys=[where for where, _ in items], skipped=skipped, present=present)
 
 
@@ -161,7 +175,7 @@ class TrainStream:
                 if self.taken > skip:
                     yield batch
             if self.taken == 0:
-                raise RuntimeError(f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
+                raise DataError(f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
                                    f"{self.batch_size}: too few readable samples per worker")
             skip = 0
 

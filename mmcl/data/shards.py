@@ -9,12 +9,14 @@ from typing import Dict, List, Optional
 
 import webdataset as wds
 
+from mmcl.errors import DataError
+
 
 def expand_urls(urls: str) -> List[str]:
     """'a/{000..009}.tar::b/x.tar' -> every shard, sources in the order given."""
     expanded = wds.shardlists.expand_urls(urls)
     if not expanded:
-        raise ValueError(f"no shards in {urls!r}")
+        raise DataError(f"no shards in {urls!r}")
     return expanded
 
 

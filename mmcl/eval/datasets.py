@@ -25,10 +25,18 @@ from pathlib import Path
 from typing import Callable, Iterator, List, Set
 
 from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS
+from mmcl.errors import DataError
 
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"
-DEFAULT_TEMPLATES = ["a photo of a {c}.", "a bad photo of a {c}.", "a photo of the large {c}.",
-                     "a photo of the small {c}.", "a drawing of a {c}.", "a recording of a {c}.", "{c}."]
+DEFAULT_TEMPLATES = [
+    "a photo of a {c}.",
+    "a bad photo of a {c}.",
+    "a photo of the large {c}.",
+    "a photo of the small {c}.",
+    "a drawing of a {c}.",
+    "a recording of a {c}.",
+    "{c}.",
+]
 
 
 def read_lines(path: Path) -> List[str]:
@@ -69,40 +77,66 @@ def load_dataset(root: str | Path) -> EvalSet:
     options = json.loads((root / "dataset.json").read_text()) if (root / "dataset.json").is_file() else {}
     match = options.get("retrieval_match", "sample")
     if match not in ("sample", "class"):
-        raise ValueError(f"{root / 'dataset.json'}: retrieval_match must be 'sample' or 'class'")
+        raise DataError(f"{root / 'dataset.json'}: retrieval_match must be 'sample' or 'class'")
     templates = read_lines(root / TEMPLATES_FILE) if (root / TEMPLATES_FILE).is_file() else None
     shards = sorted(str(p) for p in (root / "test").glob("*.tar"))
     if shards:
         for required in ("classnames.txt", TEMPLATES_FILE):
             if not (root / required).is_file():
                 raise FileNotFoundError(f"evaluation dataset {root}: no {required}")
-        return EvalSet(root.name, read_lines(root / "classnames.txt"), templates or [], _first_sample_fields(shards[0]),
-                       match, shards, lambda: iter(()))
+        return EvalSet(
+            root.name,
+            read_lines(root / "classnames.txt"),
+            templates or [],
+            _first_sample_fields(shards[0]),
+            match,
+            shards,
+            lambda: iter(()),
+        )
     own_shards = sorted(str(p) for p in root.glob("*.tar"))
     if own_shards:
         if match == "class":
-            raise ValueError(f"{root}: retrieval_match 'class' needs class labels, which a plain shard set lacks")
+            raise DataError(f"{root}: retrieval_match 'class' needs class labels, which a plain shard set lacks")
         classnames = read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file() else []
-        return EvalSet(root.name, classnames, templates or DEFAULT_TEMPLATES, _first_sample_fields(own_shards[0]),
-                       match, own_shards, lambda: iter(()))
+        return EvalSet(
+            root.name,
+            classnames,
+            templates or DEFAULT_TEMPLATES,
+            _first_sample_fields(own_shards[0]),
+            match,
+            own_shards,
+            lambda: iter(()),
+        )
     folders = _class_folders(root)
     if not folders:
-        raise FileNotFoundError(f"evaluation dataset {root}: neither shards (in {root / 'test'} or {root}) "
-                                "nor class folders")
-    classnames = (read_lines(root / "classnames.txt") if (root / "classnames.txt").is_file()
-                  else [f.name.replace("_", " ") for f in folders])
+        raise FileNotFoundError(
+            f"evaluation dataset {root}: neither shards (in {root / 'test'} or {root}) nor class folders"
+        )
+    classnames = (
+        read_lines(root / "classnames.txt")
+        if (root / "classnames.txt").is_file()
+        else [f.name.replace("_", " ") for f in folders]
+    )
     if len(classnames) != len(folders):
-        raise ValueError(f"evaluation dataset {root}: {len(classnames)} class names for {len(folders)} folders")
+        raise DataError(f"evaluation dataset {root}: {len(classnames)} class names for {len(folders)} folders")
     known = IMAGE_EXTENSIONS | AUDIO_EXTENSIONS
-    files = [(label, path) for label, folder in enumerate(folders) for path in sorted(folder.iterdir())
-             if path.suffix[1:].lower() in known]
+    files = [
+        (label, path)
+        for label, folder in enumerate(folders)
+        for path in sorted(folder.iterdir())
+        if path.suffix[1:].lower() in known
+    ]
     if not files:
         raise FileNotFoundError(f"evaluation dataset {root}: no image or audio files in its class folders")
 
     def samples() -> Iterator[dict]:
         for label, path in files:
-            yield {"__key__": f"{path.parent.name}/{path.stem}", "__url__": str(root),
-                   path.suffix[1:].lower(): path.read_bytes(), "cls": str(label).encode()}
+            yield {
+                "__key__": f"{path.parent.name}/{path.stem}",
+                "__url__": str(root),
+                path.suffix[1:].lower(): path.read_bytes(),
+                "cls": str(label).encode(),
+            }
 
     fields = {path.suffix[1:].lower() for _, path in files} | {"cls"}
     return EvalSet(root.name, classnames, templates or DEFAULT_TEMPLATES, fields, match, [], samples)

@@ -22,8 +22,9 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     }
 
 
-def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence[int],
-                labels: Optional[torch.Tensor] = None) -> Dict[int, float]:
+def recall_at_k(
+    query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence[int], labels: Optional[torch.Tensor] = None
+) -> Dict[int, float]:
     """Fraction of queries with a match within the top k of the gallery. A match is the query's own
     pair (same row index), or, given `labels` (N,), any gallery item of the query's label.
 
@@ -44,4 +45,4 @@ def recall_at_k(query_emb: torch.Tensor, gallery_emb: torch.Tensor, ks: Sequence
 def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(C, C) counts: row = true class, column = predicted (top-1) class."""
     predicted = logits.argmax(dim=1)
-    return torch.bincount(labels * num_classes + predicted, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+    return torch.bincount(labels * num_classes + predicted, minlength=num_classes**2).reshape(num_classes, num_classes)

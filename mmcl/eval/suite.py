@@ -4,7 +4,7 @@ CLIP_benchmark-style JSON per dataset, a markdown table and a confusion matrix p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Sequence
 
 import torch
 
@@ -14,22 +14,35 @@ from mmcl.models import MultiEncoder
 
 
 @torch.no_grad()
-def evaluate_all(model: MultiEncoder, datasets: Sequence[str], fields: Mapping[str, str], batch_size: int,
-                 recall_k: Sequence[int], out_path: Path, device: torch.device, model_name: str = "mmcl",
-                 progress: bool = True, quiet: bool = False) -> Dict[str, Dict[str, object]]:
+def evaluate_all(
+    model: MultiEncoder,
+    datasets: Sequence[str],
+    fields: Mapping[str, str],
+    batch_size: int,
+    recall_k: Sequence[int],
+    out_path: Path,
+    device: torch.device,
+    model_name: str = "mmcl",
+    progress: bool = True,
+    quiet: bool = False,
+) -> Dict[str, Dict[str, Any]]:
     """Results by dataset name; writes out_path (e.g. eval.json), its .md twin, and beside them a folder
     (eval/) with <dataset>.json in CLIP_benchmark's shape and <dataset>-<modality>-confusion.png."""
     out_path = Path(out_path)
     reports = out_path.with_suffix("")  # eval.json -> eval/
-    results: Dict[str, Dict[str, object]] = {}
+    results: Dict[str, Dict[str, Any]] = {}
     for root in datasets:
         result = evaluate_dataset(model, root, batch_size, device, recall_k, fields, progress=progress)
         name = str(result.metrics["dataset"])
         results[name] = result.metrics
         write_json(clip_benchmark_record(result.metrics, model_name), reports / f"{name}.json")
         for modality, matrix in result.confusion.items():
-            plot_confusion(matrix.numpy(), result.classnames, f"{name}: {modality} zero-shot",
-                           reports / f"{name}-{modality}-confusion.png")
+            plot_confusion(
+                matrix.numpy(),
+                result.classnames,
+                f"{name}: {modality} zero-shot",
+                reports / f"{name}-{modality}-confusion.png",
+            )
     write_json(results, out_path)
     out_path.with_suffix(".md").write_text(markdown_table(results))
     if not quiet:

@@ -7,12 +7,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
 
+from mmcl.config import parse_fields
 from mmcl.data import InputSpec, batches_from_samples, build_eval_loader
+from mmcl.errors import DataError
 from mmcl.eval.datasets import load_dataset
 from mmcl.eval.linear_probe import linear_probe
 from mmcl.eval.metrics import classification_metrics, confusion_matrix, recall_at_k
@@ -20,8 +22,13 @@ from mmcl.models import MultiEncoder
 
 
 @torch.no_grad()
-def class_embeddings(model: MultiEncoder, tokenize: Callable[[str], torch.Tensor], classnames: Sequence[str],
-                     templates: Sequence[str], device: torch.device) -> torch.Tensor:
+def class_embeddings(
+    model: MultiEncoder,
+    tokenize: Callable[[str], torch.Tensor],
+    classnames: Sequence[str],
+    templates: Sequence[str],
+    device: torch.device,
+) -> torch.Tensor:
     """(C, D): per class, the normalised mean of its normalised prompt embeddings (CLIP's ensemble)."""
     rows = []
     for name in classnames:
@@ -33,15 +40,22 @@ def class_embeddings(model: MultiEncoder, tokenize: Callable[[str], torch.Tensor
 
 @dataclass
 class DatasetResult:
-    metrics: Dict[str, object]
+    metrics: Dict[str, Any]
     classnames: List[str]
     confusion: Dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (C, C) counts
 
 
 @torch.no_grad()
-def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, device: torch.device,
-                     recall_k: Sequence[int], fields: Mapping[str, str], progress: bool = True,
-                     probe: bool = True) -> DatasetResult:
+def evaluate_dataset(
+    model: MultiEncoder,
+    root: str | Path,
+    batch_size: int,
+    device: torch.device,
+    recall_k: Sequence[int],
+    fields: Mapping[str, str],
+    progress: bool = True,
+    probe: bool = True,
+) -> DatasetResult:
     """Zero-shot classification of every non-text modality the shards hold (and the model embeds),
     and retrieval recall@k in both directions for every pair of those modalities and captions.
 
@@ -54,13 +68,15 @@ def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, dev
     classify = bool(dataset.classnames)  # a plain mmcl shard set has captions but no classes
     inputs = {"label": InputSpec("label", ["cls"], torch.tensor)} if classify else {}
     for modality in model.modalities:
-        present = [f for f in fields.get(modality, "").split(";") if f in dataset.fields]
+        present = [f for f in parse_fields(fields.get(modality, "")) if f in dataset.fields]
         if present:
             inputs[modality] = InputSpec(model.tower(modality).input_kind, present, preprocess[modality])
     modalities = [m for m in inputs if m != "label"]
     if not [m for m in modalities if m != "text"] or (not classify and len(modalities) < 2):
-        raise ValueError(f"{root}: nothing to evaluate: its samples hold {sorted(dataset.fields)}, the model's "
-                         f"towers read {dict(fields)}{'' if classify else ', and it has no classnames.txt'}")
+        raise DataError(
+            f"{root}: nothing to evaluate: its samples hold {sorted(dataset.fields)}, the model's "
+            f"towers read {dict(fields)}{'' if classify else ', and it has no classnames.txt'}"
+        )
 
     model.eval()
     embedded: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
@@ -78,11 +94,12 @@ def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, dev
     emb = {m: torch.cat(parts) for m, parts in embedded.items()}  # modality -> (N, D)
     targets = torch.cat(labels) if classify else None  # (N,)
 
-    metrics: Dict[str, object] = {}
+    metrics: Dict[str, Any] = {}
     confusion: Dict[str, torch.Tensor] = {}
     if targets is not None:
-        classifier = class_embeddings(model, preprocess["text"], dataset.classnames, dataset.templates,
-                                      device).float().cpu()  # (C, D)
+        classifier = (
+            class_embeddings(model, preprocess["text"], dataset.classnames, dataset.templates, device).float().cpu()
+        )  # (C, D)
         for m in modalities:
             if m != "text":
                 logits = emb[m] @ classifier.T  # (N, D) x (D, C) -> (N, C)
@@ -96,8 +113,13 @@ def evaluate_dataset(model: MultiEncoder, root: str | Path, batch_size: int, dev
         for q, g in ((query, gallery), (gallery, query)):
             for k, value in recall_at_k(emb[q], emb[g], recall_k, match).items():
                 metrics[_retrieval_name(q, g, k)] = value
-    metrics.update(dataset=dataset.name, samples=len(next(iter(emb.values()))), classes=len(dataset.classnames),
-                   skipped=skipped, retrieval_match=dataset.retrieval_match)
+    metrics.update(
+        dataset=dataset.name,
+        samples=len(next(iter(emb.values()))),
+        classes=len(dataset.classnames),
+        skipped=skipped,
+        retrieval_match=dataset.retrieval_match,
+    )
     return DatasetResult(metrics, dataset.classnames, confusion)
 
 

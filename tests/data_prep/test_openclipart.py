@@ -30,8 +30,12 @@ def test_caption_is_the_title_and_keywords_without_the_author(tmp_path):
 def test_prepared_set(tmp_path):
     summary = prepare_openclipart(tmp_path, limit=60, size=48, seed=1)
     stats = json.loads((tmp_path / "train" / "_stats.json").read_text())
-    assert sum(summary["train"].values()) + sum(summary["test"].values()) + \
-        sum(r["reason"] == "rsvg-convert could not render it" for r in stats["rejected_inputs"]) == 60
+    assert (
+        sum(summary["train"].values())
+        + sum(summary["test"].values())
+        + sum(r["reason"] == "rsvg-convert could not render it" for r in stats["rejected_inputs"])
+        == 60
+    )
     classes = (tmp_path / "classnames.txt").read_text().splitlines()
     assert len(classes) == summary["classes"] and "animals" in classes
     keys = {}

@@ -8,6 +8,7 @@ import pytest
 
 from data_prep.pairs import folder_pairs, manifest_pairs, write_pairs
 from mmcl.data import InputSpec, build_eval_loader
+from mmcl.errors import DataError
 
 
 @pytest.fixture
@@ -83,7 +84,7 @@ def test_parquet_manifest(tmp_path, image_root):
 def test_manifest_missing_column_is_a_clear_error(tmp_path, image_root):
     manifest = image_root / "m.jsonl"
     manifest.write_text(json.dumps({"file": "d0.png", "caption": "x"}) + "\n")
-    with pytest.raises(KeyError, match="'image'"):
+    with pytest.raises(DataError, match="'image'"):
         write_pairs(manifest_pairs(manifest), tmp_path / "s", progress=False)
 
 

@@ -9,8 +9,7 @@ import numpy as np
 import soundfile
 import torch
 
-from data_prep.spoken_digits import (ACCENTS, HELD_OUT_VARIANTS, TRAIN_VARIANTS, Utterance, espeak_binary,
-                                     synthesise)
+from data_prep.spoken_digits import ACCENTS, HELD_OUT_VARIANTS, TRAIN_VARIANTS, Utterance, espeak_binary, synthesise
 from mmcl.data import InputSpec, build_eval_loader
 from mmcl.data.decode import decode_audio
 
@@ -31,7 +30,7 @@ def test_speech_is_real_reproducible_and_varies_by_voice():
     assert flac == synthesise(seven, binary)  # same voice, speed and pitch: the same bytes
     wave, rate = decode_audio(flac)
     assert rate == 22050 and 0.3 < len(wave) / rate < 2.0
-    assert np.sqrt(np.mean(wave ** 2)) > 0.01  # speech, not silence
+    assert np.sqrt(np.mean(wave**2)) > 0.01  # speech, not silence
     other = decode_audio(synthesise(Utterance(7, "en-gb-scotland+f2", 150, 50), binary))[0]
     assert len(other) != len(wave) or not np.allclose(other, wave)
 
@@ -58,9 +57,11 @@ def test_round_trip(spoken_digits_root):
         soundfile.info(io.BytesIO(fields["flac"]))  # a readable FLAC
 
     # Through the stream: both modalities optional, every sample holds one of them.
-    inputs = {"image": InputSpec("image", ["png"], lambda im: torch.ones(1), placeholder=torch.zeros(1)),
-              "audio": InputSpec("audio", ["flac"], lambda wave: torch.ones(1), placeholder=torch.zeros(1)),
-              "text": InputSpec("text", ["txt"], lambda s: torch.ones(1))}
+    inputs = {
+        "image": InputSpec("image", ["png"], lambda im: torch.ones(1), placeholder=torch.zeros(1)),
+        "audio": InputSpec("audio", ["flac"], lambda wave: torch.ones(1), placeholder=torch.zeros(1)),
+        "text": InputSpec("text", ["txt"], lambda s: torch.ones(1)),
+    }
     batch = next(iter(build_eval_loader(str(root / "train" / "000000.tar"), inputs, batch_size=200)))
     assert batch.skipped == 0
     assert torch.equal(batch.present["image"], ~batch.present["audio"])
