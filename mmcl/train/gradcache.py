@@ -12,45 +12,49 @@ The parameter gradients are those of the full-batch loss; memory holds one chunk
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 
-if TYPE_CHECKING:
-    from mmcl.train.engine import Engine
+from mmcl.models import Encoded
+from mmcl.train.engine import Engine
 
 LossFn = Callable[..., Dict[str, torch.Tensor]]
-Backward = Callable[["Engine", LossFn, Mapping[str, torch.Tensor], torch.autocast], Dict[str, torch.Tensor]]
+Backward = Callable[[Engine, LossFn, Mapping[str, torch.Tensor], torch.autocast], Dict[str, torch.Tensor]]
+RngState = Tuple[torch.Tensor, object]
 
 
 def _wide(tensor: torch.Tensor) -> torch.Tensor:
     return tensor if tensor.dtype in (torch.float32, torch.float64) else tensor.float()
 
 
-def float32(embeddings: Mapping[str, torch.Tensor], logit_scale: torch.Tensor,
-            logit_bias: Optional[torch.Tensor]) -> tuple:
+def float32(encoded: Encoded) -> Encoded:
     """The loss runs in float32 (or wider): logits reach 100, where bf16 keeps barely two decimal digits."""
-    return ({m: _wide(e) for m, e in embeddings.items()}, _wide(logit_scale),
-            None if logit_bias is None else _wide(logit_bias))
+    return Encoded(
+        {m: _wide(e) for m, e in encoded.embeddings.items()},
+        _wide(encoded.logit_scale),
+        None if encoded.logit_bias is None else _wide(encoded.logit_bias),
+    )
 
 
-def plain_backward(engine: "Engine", loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
-                   autocast: torch.autocast) -> Dict[str, torch.Tensor]:
+def plain_backward(
+    engine: Engine, loss_fn: LossFn, inputs: Mapping[str, torch.Tensor], autocast: torch.autocast
+) -> Dict[str, torch.Tensor]:
     with autocast:
         encoded = engine.forward(inputs)
-    out = loss_fn(*float32(*encoded))
+    out = loss_fn(*float32(encoded))
     engine.backward(out["loss"])
-    return {**{name: value.detach() for name, value in out.items()}, "logit_scale": encoded[1].detach()}
+    return {**{name: value.detach() for name, value in out.items()}, "logit_scale": encoded.logit_scale.detach()}
 
 
-def _rng_state() -> tuple:
+def _rng_state() -> RngState:
     return torch.get_rng_state(), (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
 
 
-def _set_rng_state(state: tuple) -> None:
+def _set_rng_state(state: RngState) -> None:
     torch.set_rng_state(state[0])
     if state[1] is not None:
-        torch.cuda.set_rng_state_all(state[1])
+        torch.cuda.set_rng_state_all(state[1])  # type: ignore[arg-type]
 
 
 class GradCache:
@@ -68,54 +72,79 @@ class GradCache:
         """[(modality, chunk index), ...] per micro-step: all first chunks, then the rest one by one."""
         return [[(m, 0) for m in chunks]] + [[(m, i)] for m in chunks for i in range(1, len(chunks[m]))]
 
-    def __call__(self, engine: "Engine", loss_fn: LossFn, inputs: Mapping[str, torch.Tensor],
-                 autocast: torch.autocast) -> Dict[str, torch.Tensor]:
-        modalities = list(inputs)
-        chunks = {m: inputs[m].split(self.chunk_sizes.get(m, inputs[m].shape[0])) for m in modalities}
+    def __call__(
+        self, engine: Engine, loss_fn: LossFn, inputs: Mapping[str, torch.Tensor], autocast: torch.autocast
+    ) -> Dict[str, torch.Tensor]:
+        chunks = {m: x.split(self.chunk_sizes.get(m, x.shape[0])) for m, x in inputs.items()}
+        cached, states = self._embed_without_graph(engine, chunks, autocast)
+        after_first_pass = _rng_state()
+        cached = float32(cached)
+        out, grads = self._loss_and_gradients(loss_fn, cached)
+        self._replay(engine, chunks, states, grads, autocast)
+        _set_rng_state(after_first_pass)  # the run continues exactly as after one forward pass
+        return {**{name: value.detach() for name, value in out.items()}, "logit_scale": cached.logit_scale.detach()}
 
-        # 1. Embed without a graph, remembering the RNG state each chunk started from.
-        states: Dict[str, List[tuple]] = {m: [] for m in modalities}
-        cached: Dict[str, torch.Tensor] = {}
+    @staticmethod
+    def _embed_without_graph(
+        engine: Engine, chunks: Mapping[str, tuple], autocast: torch.autocast
+    ) -> Tuple[Encoded, Dict[str, List[RngState]]]:
+        """1. Every chunk embedded without a graph, and the RNG state each chunk started from."""
+        states: Dict[str, List[RngState]] = {m: [] for m in chunks}
+        parts: Dict[str, List[torch.Tensor]] = {m: [] for m in chunks}
         with torch.no_grad(), autocast:
-            for m in modalities:
-                parts = []
+            for m in chunks:
                 for chunk in chunks[m]:
                     states[m].append(_rng_state())
-                    embeddings, logit_scale, logit_bias = engine.forward({m: chunk})
-                    parts.append(embeddings[m])
-                cached[m] = torch.cat(parts)  # (B, D)
-        after_first_pass = _rng_state()
+                    encoded = engine.forward({m: chunk})
+                    parts[m].append(encoded.embeddings[m])
+        embeddings = {m: torch.cat(p) for m, p in parts.items()}  # modality -> (B, D)
+        return Encoded(embeddings, encoded.logit_scale, encoded.logit_bias), states
 
-        # 2. The loss on the whole batch, and its gradient w.r.t. the cached embeddings, scale and bias.
-        cached, logit_scale, logit_bias = float32(cached, logit_scale, logit_bias)
-        leaves = {m: emb.detach().requires_grad_(True) for m, emb in cached.items()}
-        scale_leaf = logit_scale.detach().requires_grad_(True)
-        bias_leaf = None if logit_bias is None else logit_bias.detach().requires_grad_(True)
-        out = loss_fn(leaves, scale_leaf, bias_leaf)
-        wrt = [*leaves.values(), scale_leaf] + ([bias_leaf] if bias_leaf is not None else [])
-        grads = dict(zip([*leaves, "scale", "bias"], torch.autograd.grad(out["loss"], wrt)))
+    @staticmethod
+    def _loss_and_gradients(
+        loss_fn: LossFn, cached: Encoded
+    ) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+        """2. The loss on the whole batch, and its gradient w.r.t. the cached embeddings, scale and bias."""
+        leaves = {m: emb.detach().requires_grad_(True) for m, emb in cached.embeddings.items()}
+        scale = cached.logit_scale.detach().requires_grad_(True)
+        bias = None if cached.logit_bias is None else cached.logit_bias.detach().requires_grad_(True)
+        out = loss_fn(leaves, scale, bias)
+        names, wrt = [*leaves, "scale"], [*leaves.values(), scale]
+        if bias is not None:
+            names, wrt = [*names, "bias"], [*wrt, bias]
+        grads = dict(zip(names, torch.autograd.grad(out["loss"], wrt), strict=True))
+        return out, grads
 
-        # 3. Replay the chunks with a graph and push the cached gradient through them. The surrogate
-        # <emb, g> has d/dparams = g^T d emb/dparams: the chain rule through the cached gradient.
-        # The first micro-step replays the first chunk of every tower (and carries the scale/bias
-        # term), so every parameter gets a gradient in it: ZeRO-3 overwrites its gradient buffers on
-        # a step's first micro-step and adds on later ones, so a parameter first reached later would
-        # add onto the previous step's gradient.
-        grad_chunks = {m: grads[m].split(len(chunks[m][0])) for m in modalities}
+    def _replay(
+        self,
+        engine: Engine,
+        chunks: Mapping[str, tuple],
+        states: Mapping[str, List[RngState]],
+        grads: Mapping[str, torch.Tensor],
+        autocast: torch.autocast,
+    ) -> None:
+        """3. Replay the chunks with a graph and push the cached gradient through them.
+
+        The surrogate <emb, g> has d/dparams = g^T d emb/dparams: the chain rule through the cached
+        gradient. The first micro-step replays the first chunk of every tower (and carries the scale/bias
+        term), so every parameter gets a gradient in it: ZeRO-3 overwrites its gradient buffers on a
+        step's first micro-step and adds on later ones, so a parameter first reached later would add onto
+        the previous step's gradient.
+        """
+        grad_chunks = {m: grads[m].split(len(chunks[m][0])) for m in chunks}
         for number, micro_step in enumerate(self.plan(chunks)):
-            surrogate = 0.0
+            surrogate: Any = 0.0  # a python number, so the surrogate keeps the embeddings' dtype
             for m, index in micro_step:
                 _set_rng_state(states[m][index])
                 with autocast:
-                    embeddings, logit_scale, logit_bias = engine.forward({m: chunks[m][index]})
-                surrogate = surrogate + torch.sum(embeddings[m] * grad_chunks[m][index].to(embeddings[m].dtype))
+                    encoded = engine.forward({m: chunks[m][index]})
+                embeddings = encoded.embeddings[m]
+                surrogate = surrogate + torch.sum(embeddings * grad_chunks[m][index].to(embeddings.dtype))
             if number == 0:
-                surrogate = surrogate + logit_scale * grads["scale"]
-                if logit_bias is not None:
-                    surrogate = surrogate + logit_bias * grads["bias"]
+                surrogate = surrogate + encoded.logit_scale * grads["scale"]
+                if encoded.logit_bias is not None:
+                    surrogate = surrogate + encoded.logit_bias * grads["bias"]
             engine.backward(surrogate)
-        _set_rng_state(after_first_pass)  # the run continues exactly as after one forward pass
-        return {**{name: value.detach() for name, value in out.items()}, "logit_scale": scale_leaf.detach()}
 
 
 def build_backward(chunk_sizes: Mapping[str, int]) -> Backward:

@@ -1,12 +1,22 @@
-"""Where training metrics go (process 0 only): metrics.jsonl, TensorBoard, and a loss-curve plot at the end."""
+"""Where a run's progress goes: the progress bar, metrics.jsonl, TensorBoard and a loss-curve plot at the
+end (process 0), and each process's sample keys when run.log_samples is set."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
-from typing import Dict, List
+from types import TracebackType
+from typing import Any, Dict, List, Mapping, Optional, TextIO, Type
 
 from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from mmcl import dist
+from mmcl.config import RunConfig
+from mmcl.data import Batch
+from mmcl.plotting import pyplot
+from mmcl.train.run_state import RunState
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -41,7 +51,7 @@ class MetricsLog:
             if name != "step" and isinstance(value, (int, float)):
                 self.tensorboard.add_scalar(name, value, record["step"])
 
-    def write_eval(self, step: int, results: Dict[str, Dict[str, object]]) -> None:
+    def write_eval(self, step: int, results: Dict[str, Dict[str, Any]]) -> None:
         """Mid-training evaluation: eval_history.jsonl, and TensorBoard scalars eval/<dataset>/<metric>."""
         with open(self.run_dir / "eval_history.jsonl", "a") as history:
             history.write(json.dumps({"step": step, "results": results}) + "\n")
@@ -56,12 +66,68 @@ class MetricsLog:
         plot_curves(self.path, self.run_dir / "loss.png")
 
 
+class TrainingLog:
+    """A context manager over one training session: `record` after every step, `record_eval` after a
+    mid-training evaluation; everything is flushed and closed (and the plot drawn) on exit."""
+
+    def __init__(self, run_dir: Path, cfg: RunConfig, start: RunState, main: bool) -> None:
+        # The rate counts this session's samples only.
+        self.cfg, self.started_at, self.seen_at_start = cfg, time.perf_counter(), start.samples_seen
+        self.progress = tqdm(
+            total=cfg.steps, initial=start.step, desc="train", dynamic_ncols=True, disable=not (cfg.progress and main)
+        )
+        self.metrics = MetricsLog(run_dir, start.step) if main else None
+        samples_path = Path(run_dir) / f"samples_rank{dist.rank()}.jsonl"
+        self.samples: Optional[TextIO] = None
+        if cfg.log_samples:
+            truncate_log(samples_path, start.step)
+            self.samples = open(samples_path, "a")
+
+    def record(self, state: RunState, batch: Batch, metrics: Mapping[str, float], epoch: int) -> None:
+        self.progress.update(1)
+        if self.samples:
+            self.samples.write(json.dumps({"step": state.step, "keys": batch.keys}) + "\n")
+            self.samples.flush()
+        if self.metrics and (state.step % self.cfg.log_every == 0 or state.step == self.cfg.steps):
+            rate = (state.samples_seen - self.seen_at_start) / max(time.perf_counter() - self.started_at, 1e-9)
+            self.metrics.write(
+                {
+                    "step": state.step,
+                    "samples_seen": state.samples_seen,
+                    "samples_skipped": state.samples_skipped,
+                    "epoch": epoch,
+                    "samples_per_s": rate,
+                    "samples_per_s_per_device": rate / dist.world_size(),
+                    **metrics,
+                }
+            )
+            self.progress.set_postfix(
+                loss=f"{metrics['loss']:.3f}",
+                lr=f"{metrics['lr']:.1e}",
+                samples_s=f"{rate:.0f}",
+                skipped=state.samples_skipped,
+            )
+
+    def record_eval(self, step: int, results: Optional[Dict[str, Dict[str, Any]]]) -> None:
+        if self.metrics and results:
+            self.metrics.write_eval(step, results)
+
+    def __enter__(self) -> "TrainingLog":
+        return self
+
+    def __exit__(
+        self, kind: Optional[Type[BaseException]], error: Optional[BaseException], traceback: Optional[TracebackType]
+    ) -> None:
+        self.progress.close()
+        if self.metrics:
+            self.metrics.close()
+        if self.samples:
+            self.samples.close()
+
+
 def plot_curves(metrics_path: Path, out: Path) -> None:
     """Loss (and each loss part), learning rate and logit scale against the step, as one PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     records = read_records(metrics_path)
     if not records:
@@ -73,7 +139,7 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
         axes[0].plot(steps, [r.get(name) for r in records], label=name)
     axes[0].set_title("loss")
     axes[0].legend(fontsize=8)
-    for axis, name in zip(axes[1:], ("lr", "logit_scale")):
+    for axis, name in zip(axes[1:], ("lr", "logit_scale"), strict=True):
         axis.plot(steps, [r.get(name) for r in records])
         axis.set_title(name)
     for axis in axes:

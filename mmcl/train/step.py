@@ -10,8 +10,9 @@ from mmcl.train.engine import Engine
 from mmcl.train.gradcache import Backward
 
 
-def train_step(engine: Engine, loss_fn: Callable, backward: Backward, inputs: Mapping[str, torch.Tensor],
-               autocast: torch.autocast) -> Dict[str, float]:
+def train_step(
+    engine: Engine, loss_fn: Callable, backward: Backward, inputs: Mapping[str, torch.Tensor], autocast: torch.autocast
+) -> Dict[str, float]:
     # Fills .grad, plainly or through the gradient cache; returns the loss, its parts and the logit scale used.
     out = backward(engine, loss_fn, inputs, autocast)
     metrics = {name: value.item() for name, value in out.items()}

@@ -2,33 +2,47 @@
 every modality and retrieval for every modality pair, image-audio included."""
 
 import json
-from pathlib import Path
 
 from mmcl.cli import main
+from mmcl.train.metrics_log import read_records
 
-REPO = Path(__file__).parents[2]
+from conftest import REPO
+
+STEPS = 300
+# Cleared with margin by seeds 0, 1 and 2 at this budget (audio top-1 0.70 / 0.57 / 0.60, image->audio
+# R@1 0.78 / 0.46 / 0.46, audio->image R@1 0.61 / 0.38 / 0.42, image top-1 0.88 / 0.73 / 0.86); chance is 0.1.
+LEARNT = {"acc1": 0.5, "audio_acc1": 0.35, "image_to_audio_recall@1": 0.25, "audio_to_image_recall@1": 0.25}
 
 
 def test_trimodal_train_and_evaluate(tmp_path, spoken_digits_root):
     root = spoken_digits_root
     shards = sorted((root / "train").glob("*.tar"))
     overrides = {
-        "data.train": f"{root}/train/{{000000..{len(shards) - 1:06d}}}.tar", "data.batch_size": 32,
-        "data.workers": 0, "data.shuffle_buffer": 200, "run.progress": False, "run.log_every": 1,
-        "run.output_dir": tmp_path, "run.name": "tri", "run.steps": 40, "optim.warmup_steps": 5, "eval.datasets": f"[{root}]",
+        "data.train": f"{root}/train/{{000000..{len(shards) - 1:06d}}}.tar",
+        "data.batch_size": 32,
+        "data.workers": 0,
+        "data.shuffle_buffer": 200,
+        "run.progress": False,
+        "run.log_every": 1,
+        "run.output_dir": tmp_path,
+        "run.name": "tri",
+        "run.steps": STEPS,
+        "optim.warmup_steps": 25,
+        "optim.schedule": "constant",  # a short run learns sooner at the full rate
+        "eval.datasets": f"[{root}]",
     }
     assert main(["train", str(REPO / "configs/spoken_digits.yaml"), *[f"{k}={v}" for k, v in overrides.items()]]) == 0
     run_dir = tmp_path / "tri"
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(records) == 40 and {"image-text", "audio-text"} <= set(records[-1])
+    records = read_records(run_dir / "metrics.jsonl")
+    assert len(records) == STEPS and {"image-text", "audio-text"} <= set(records[-1])
     assert "image-audio" not in records[-1]  # never paired in training
     for pair in ("image-text", "audio-text"):  # both pairs learn
         assert sum(r[pair] for r in records[-5:]) < sum(r[pair] for r in records[:5])
 
     result = json.loads((run_dir / "eval.json").read_text())[root.name]
     assert result["samples"] == 360 and result["skipped"] == 0 and result["retrieval_match"] == "class"
-    for name in ["acc1", "acc5", "audio_acc1", "audio_mean_per_class_recall", "text_retrieval_recall@1",
-                 "image_retrieval_recall@5", "audio_to_text_recall@1", "text_to_audio_recall@1",
-                 "image_to_audio_recall@1", "audio_to_image_recall@10"]:
-        assert 0.0 <= result[name] <= 1.0, name
+    for name, threshold in LEARNT.items():  # images and clips were never paired: image<->audio is emergent
+        assert result[name] >= threshold, (name, result[name])
+    for name in ("acc5", "audio_mean_per_class_recall", "text_to_audio_recall@1", "audio_to_text_recall@1"):
+        assert result[name] > 0.2, (name, result[name])
     assert result["audio_to_image_recall@10"] >= result["audio_to_image_recall@1"]

@@ -5,34 +5,29 @@ import io
 import math
 import os
 import pickle
-import random
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
 from data_prep.writer import ShardSetWriter
-from mmcl import config as config_lib
 from mmcl.checkpoint import state as checkpoints
 from mmcl.cli import main
 from mmcl.data import InputSpec, build_eval_loader
 from mmcl.data.decode import SampleError, decode_image
+from mmcl.errors import TrainingHalted
 from mmcl.models import MultiEncoder
 from mmcl.train.engine import TorchEngine
-from mmcl.train.loop import TrainingHalted, check_health
+from mmcl.train.run_state import RunState, check_health
 
-from conftest import tiny_overrides
-
-REPO = Path(__file__).parents[2]
+from conftest import REPO, tiny_config, tiny_overrides
 
 
-def tiny_config(**extra):
-    return config_lib.load(None, tiny_overrides("unused.tar", **extra))
+def torch_engine(cfg):
+    return TorchEngine(MultiEncoder(cfg.model), cfg.optim, cfg.run.steps)
 
 
 def test_decompression_bomb_is_refused_without_decoding():
@@ -59,26 +54,32 @@ def test_too_much_bad_data_stops_the_run_with_a_clear_message(tmp_path, digit_pn
         for i in range(400):
             png = digit_pngs[i % 40][0] if i % 3 == 0 else b"\x89PNG garbage"
             writer.write({"__key__": f"s{i}", "png": png, "txt": "a digit"})
-    overrides = tiny_overrides(str(tmp_path / "shards" / "000000.tar"), **{
-        "run.output_dir": tmp_path / "runs", "run.steps": 50, "data.batch_size": 8, "data.max_skipped_fraction": 0.2})
+    overrides = tiny_overrides(
+        str(tmp_path / "shards" / "000000.tar"),
+        **{
+            "run.output_dir": tmp_path / "runs",
+            "run.steps": 50,
+            "data.batch_size": 8,
+            "data.max_skipped_fraction": 0.2,
+        },
+    )
     assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 2
     err = capsys.readouterr().err
     assert "unreadable" in err and "data.max_skipped_fraction=0.2" in err
 
 
 def test_health_check_names_the_budget():
-    cfg = tiny_config(**{"optim.max_nonfinite_steps": 3, "data.max_skipped_fraction": 0.1})
-    check_health(cfg, nonfinite_in_a_row=2, skipped=5, seen=100)  # within both budgets
+    check_health(RunState(nonfinite_in_a_row=2, samples_skipped=5, samples_seen=100), 3, 0.1)  # within both budgets
     with pytest.raises(TrainingHalted, match="optim.max_nonfinite_steps=3"):
-        check_health(cfg, nonfinite_in_a_row=3, skipped=0, seen=100)
+        check_health(RunState(nonfinite_in_a_row=3, samples_skipped=0, samples_seen=100), 3, 0.1)
     with pytest.raises(TrainingHalted, match="data.max_skipped_fraction=0.1"):
-        check_health(cfg, nonfinite_in_a_row=0, skipped=20, seen=100)
+        check_health(RunState(nonfinite_in_a_row=0, samples_skipped=20, samples_seen=100), 3, 0.1)
 
 
 def test_nonfinite_gradients_skip_the_update():
     cfg = tiny_config()
-    model = MultiEncoder(cfg.model)
-    engine = TorchEngine(model, cfg)
+    engine = torch_engine(cfg)
+    model = engine.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     images = torch.randn(4, 3, 32, 32)
     images[0, 0, 0, 0] = float("nan")
@@ -96,10 +97,10 @@ class Exploding:
 
 
 def test_checkpoint_files_are_never_unpickled_blindly(tmp_path):
-    cfg = tiny_config()
-    engine = TorchEngine(MultiEncoder(cfg.model), cfg)
-    path = checkpoints.save(tmp_path, 1, engine, {"samples_seen": 0, "samples_skipped": 0,
-                                                  "data_position": [(0, 0)]}, "{}", keep_last=2)
+    engine = torch_engine(tiny_config())
+    path = checkpoints.save(
+        tmp_path, 1, engine, {"samples_seen": 0, "samples_skipped": 0, "data_position": [(0, 0)]}, "{}", keep_last=2
+    )
     (path / "rng_0.pt").write_bytes(pickle.dumps(Exploding()))
     with pytest.raises(pickle.UnpicklingError):
         checkpoints.load(path, engine)
@@ -107,42 +108,84 @@ def test_checkpoint_files_are_never_unpickled_blindly(tmp_path):
 
 
 SAVER = """
-import sys, torch
+import io, os, sys, time
 sys.path.insert(0, {tests!r})
-from conftest import tiny_overrides
-from mmcl import config as config_lib
+import safetensors.torch
+import torch
+from conftest import tiny_config
 from mmcl.checkpoint import state as checkpoints
 from mmcl.models import MultiEncoder
 from mmcl.train.engine import TorchEngine
-cfg = config_lib.load(None, tiny_overrides("unused.tar"))
-engine = TorchEngine(MultiEncoder(cfg.model), cfg)
-meta = {{"samples_seen": 0, "samples_skipped": 0, "data_position": [(0, 0)]}}
-step = int(sys.argv[1])
-while True:
-    step += 1
-    checkpoints.save({run!r}, step, engine, meta, "{{}}", keep_last=2)
-    print(step, flush=True)
+
+cfg = tiny_config()
+engine = TorchEngine(MultiEncoder(cfg.model), cfg.optim, cfg.run.steps)
+meta = {{"data_position": [(0, 0)]}}
+checkpoints.save({run!r}, 1, engine, meta, "{{}}", keep_last=2)
+
+
+def block(where):
+    print("blocked", where, flush=True)  # the test kills this process now
+    time.sleep(600)
+
+
+def write_half_then_block(data, path, where):
+    with open(path, "wb") as file:
+        file.write(data[:len(data) // 2])
+        file.flush()
+        os.fsync(file.fileno())
+    block(where + " " + str(len(data)))
+
+
+save_torch, rename, replace = torch.save, os.rename, os.replace
+point = {point!r}
+if point == "engine state":  # torch.save of engine.pt, half written
+    def torch_save(obj, path, *args, **kwargs):
+        if str(path).endswith("engine.pt"):
+            buffer = io.BytesIO()
+            save_torch(obj, buffer)
+            write_half_then_block(buffer.getvalue(), path, point)
+        save_torch(obj, path, *args, **kwargs)
+    torch.save = torch_save
+elif point == "weights":  # model.safetensors, half written
+    checkpoints.save_file = lambda tensors, path: write_half_then_block(safetensors.torch.save(tensors), path, point)
+elif point == "rename":  # every file written and synced, the directory not yet renamed into place
+    os.rename = lambda *args: block(point)
+elif point == "latest":  # the step directory in place, `latest` not yet pointed at it
+    os.replace = lambda source, target: block(point) if str(target).endswith("latest") else replace(source, target)
+checkpoints.save({run!r}, 2, engine, meta, "{{}}", keep_last=2)
+print("not blocked", flush=True)
 """
 
 
-def test_kill_9_during_checkpoint_writes_never_breaks_the_latest(tmp_path):
-    script = SAVER.format(tests=str(os.path.dirname(os.path.dirname(__file__))), run=str(tmp_path))
-    rng = random.Random(0)
-    step = 0
-    for _ in range(6):
-        process = subprocess.Popen([sys.executable, "-c", script, str(step)], stdout=subprocess.PIPE, text=True)
-        process.stdout.readline()  # at least one checkpoint done
-        time.sleep(rng.uniform(0.0, 0.4))  # then die at an arbitrary point of a later save
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-        latest = checkpoints.latest(tmp_path)
-        assert latest is not None
-        meta = checkpoints.read_meta(latest)
-        assert checkpoints.load_weights(latest)  # complete and loadable
-        cfg = tiny_config()
-        checkpoints.load(latest, TorchEngine(MultiEncoder(cfg.model), cfg))
-        step = meta["step"]
-    assert len(list((tmp_path / "checkpoints").glob("step_*"))) <= 3
+@pytest.mark.parametrize("point", ["engine state", "weights", "rename", "latest"])
+def test_kill_9_inside_a_checkpoint_write_keeps_the_previous_one(tmp_path, point):
+    """The saving process blocks at `point` of writing checkpoint 2 (files half written, or between the
+    renames that publish it) and is killed there: checkpoint 1 stays the latest, whole and loadable,
+    and the next save clears the debris."""
+    script = SAVER.format(tests=str(REPO / "tests"), run=str(tmp_path), point=point)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline()
+    assert line.startswith(f"blocked {point}"), line
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    if point in ("engine state", "weights"):  # the kill landed inside the write: a partial file is left
+        partial = (
+            tmp_path
+            / "checkpoints"
+            / ".tmp_step_00000002"
+            / ("engine.pt" if point == "engine state" else "model.safetensors")
+        )
+        assert 0 < partial.stat().st_size < int(line.split()[-1])
+    latest = checkpoints.latest(tmp_path)
+    assert latest.name == "step_00000001" and checkpoints.read_meta(latest)["step"] == 1
+    assert checkpoints.load_weights(latest)  # complete and loadable
+    engine = torch_engine(tiny_config())
+    checkpoints.load(latest, engine)
+
+    assert checkpoints.save(tmp_path, 2, engine, {"data_position": [(0, 0)]}, "{}", keep_last=2).name == "step_00000002"
+    assert checkpoints.latest(tmp_path).name == "step_00000002"
+    assert not list((tmp_path / "checkpoints").glob(".tmp_*"))
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path):
@@ -152,17 +195,18 @@ sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
 from conftest import tiny_overrides
 from mmcl import config as config_lib
 from mmcl.checkpoint import state as checkpoints
+from mmcl.errors import CheckpointError
 from mmcl.models import MultiEncoder
 from mmcl.train.engine import TorchEngine
 cfg = config_lib.load(None, tiny_overrides("unused.tar"))
-engine = TorchEngine(MultiEncoder(cfg.model), cfg)
+engine = TorchEngine(MultiEncoder(cfg.model), cfg.optim, cfg.run.steps)
 meta = {{"samples_seen": 0, "samples_skipped": 0, "data_position": [(0, 0)]}}
 checkpoints.save({str(tmp_path)!r}, 1, engine, meta, "{{}}", keep_last=2)
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # an oversized write then fails with EFBIG, like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, 1_000_000))
 try:
     checkpoints.save({str(tmp_path)!r}, 2, engine, meta, "{{}}", keep_last=2)
-except checkpoints.CheckpointError as error:
+except CheckpointError as error:
     print("ERROR", error)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -188,7 +232,7 @@ def test_corrupt_audio_in_a_shard_is_skipped_and_counted(tmp_path, caplog):
     good = flac_tone()
     with ShardSetWriter(tmp_path, 100) as writer:
         writer.write({"__key__": "ok0", "flac": good, "txt": "a tone"})
-        writer.write({"__key__": "truncated", "flac": good[:len(good) // 8], "txt": "a tone"})
+        writer.write({"__key__": "truncated", "flac": good[: len(good) // 8], "txt": "a tone"})
         writer.write({"__key__": "garbage", "wav": b"RIFF....WAVEfmt garbage", "txt": "a tone"})
         writer.write({"__key__": "empty", "flac": b"", "txt": "a tone"})
         writer.write({"__key__": "ok1", "wav": good, "txt": "a tone"})  # FLAC bytes named .wav: libsndfile sniffs
@@ -212,9 +256,11 @@ def test_missing_modalities_are_skipped_when_required_and_masked_when_optional(t
     required = {"image": InputSpec("image", ["png"], lambda im: torch.ones(2)), "text": text}
     batch = list(build_eval_loader(shard, required, batch_size=10))[0]
     assert [k.split("#")[1] for k in batch.keys] == ["both"] and batch.skipped == 3
-    optional = {"image": InputSpec("image", ["png"], lambda im: torch.ones(2), placeholder=torch.zeros(2)),
-                "audio": InputSpec("audio", ["flac"], lambda wave: torch.full((2,), 2.0), placeholder=torch.zeros(2)),
-                "text": text}
+    optional = {
+        "image": InputSpec("image", ["png"], lambda im: torch.ones(2), placeholder=torch.zeros(2)),
+        "audio": InputSpec("audio", ["flac"], lambda wave: torch.full((2,), 2.0), placeholder=torch.zeros(2)),
+        "text": text,
+    }
     batch = list(build_eval_loader(shard, optional, batch_size=10))[0]
     # "no_image" is left with its text alone, nothing to contrast; "image_only" lacks the required text.
     assert [k.split("#")[1] for k in batch.keys] == ["both", "clip"] and batch.skipped == 2
@@ -223,10 +269,12 @@ def test_missing_modalities_are_skipped_when_required_and_masked_when_optional(t
 
 
 def nonfinite_deepspeed_worker(rank, world, stage, out):
-    from mmcl.train.engine import DeepSpeedEngine
+    from mmcl.train.engine import DeepSpeedEngine, StepShape
 
     cfg = tiny_config(**{"engine.backend": "deepspeed", "engine.zero_stage": stage, "engine.device": "cpu"})
-    engine = DeepSpeedEngine(MultiEncoder(cfg.model), cfg, 1, torch.device("cpu"))
+    engine = DeepSpeedEngine(
+        MultiEncoder(cfg.model), cfg.engine, cfg.optim, StepShape(cfg.run.steps, 4, 1), torch.device("cpu")
+    )
     before = {k: v.clone() for k, v in engine.model_state().items()}
     images = torch.randn(4, 3, 32, 32)
     images[0, 0, 0, 0] = float("nan")

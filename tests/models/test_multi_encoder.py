@@ -6,17 +6,12 @@ from PIL import Image
 from mmcl.config import ModelConfig, TowerConfig
 from mmcl.models import TOWERS, MultiEncoder
 
-
-def tiny_model(**image_options) -> MultiEncoder:
-    return MultiEncoder(ModelConfig(embed_dim=32, towers={
-        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", options=image_options),
-        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
-    }))
+from conftest import tiny_model
 
 
 def test_forward_shapes_and_unit_norm():
     torch.manual_seed(0)
-    model = tiny_model()
+    model = tiny_model(**{"model.embed_dim": 32})
     images = torch.randn(5, 3, 32, 32)  # (B, 3, H, W) at the preset's image size
     tokens = torch.randint(0, 49408, (5, 16))  # (B, context_length)
     out, logit_scale, logit_bias = model({"image": images, "text": tokens, "label": torch.zeros(5)})
@@ -29,16 +24,24 @@ def test_forward_shapes_and_unit_norm():
 
 
 def test_logit_bias_and_scale_clamp():
-    model = MultiEncoder(ModelConfig(embed_dim=8, init_logit_scale=9.0, init_logit_bias=-10.0, towers={
-        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny"),
-        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")}))
+    model = MultiEncoder(
+        ModelConfig(
+            embed_dim=8,
+            init_logit_scale=9.0,
+            init_logit_bias=-10.0,
+            towers={
+                "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny"),
+                "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+            },
+        )
+    )
     _, logit_scale, logit_bias = model({})
     assert logit_scale.item() == pytest.approx(100.0)  # clamped at CLIP's maximum, 100
     assert logit_bias.item() == -10.0
 
 
 def test_options_override_the_preset():
-    model = tiny_model(layers=1, width=64, head_width=16)
+    model = tiny_model(**{"model.towers.image.options": "{layers: 1, width: 64, head_width: 16}"})
     encoder = model.tower("image").encoder
     assert len(encoder.transformer.resblocks) == 1 and encoder.transformer.width == 64
 
@@ -54,10 +57,15 @@ def test_preprocessors_turn_decoded_values_into_tower_inputs():
 
 
 def test_locked_tower_gets_no_gradient():
-    model = MultiEncoder(ModelConfig(embed_dim=32, towers={
-        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", locked=True),
-        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
-    }))
+    model = MultiEncoder(
+        ModelConfig(
+            embed_dim=32,
+            towers={
+                "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", locked=True),
+                "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+            },
+        )
+    )
     out, _, _ = model({"image": torch.randn(2, 3, 32, 32), "text": torch.randint(0, 100, (2, 16))})
     (out["image"] * out["text"]).sum().backward()
     assert all(p.grad is None for p in model.tower("image").parameters())
@@ -90,8 +98,12 @@ def test_a_new_modality_is_added_by_registry_alone():
         def check(cls, cfg, key):
             pass
 
-    model = MultiEncoder(ModelConfig(embed_dim=16, towers={
-        "depth": TowerConfig(type=name), "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")}))
+    model = MultiEncoder(
+        ModelConfig(
+            embed_dim=16,
+            towers={"depth": TowerConfig(type=name), "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny")},
+        )
+    )
     out, _, _ = model({"depth": torch.randn(3, 3, 4, 4), "text": torch.randint(0, 100, (3, 16))})
     assert out["depth"].shape == (3, 16)
 
@@ -99,13 +111,21 @@ def test_a_new_modality_is_added_by_registry_alone():
 def test_gradient_checkpointing_gives_the_same_gradients():
     def grads(checkpointing):
         torch.manual_seed(0)
-        towers = {m: TowerConfig(type=f"open_clip_{kind}", preset="mmcl-tiny", grad_checkpointing=checkpointing,
-                                 options={"patch_dropout": 0.3} if kind == "vision" else {})
-                  for m, kind in (("image", "vision"), ("text", "text"))}
+        towers = {
+            m: TowerConfig(
+                type=f"open_clip_{kind}",
+                preset="mmcl-tiny",
+                grad_checkpointing=checkpointing,
+                options={"patch_dropout": 0.3} if kind == "vision" else {},
+            )
+            for m, kind in (("image", "vision"), ("text", "text"))
+        }
         model = MultiEncoder(ModelConfig(embed_dim=16, towers=towers))
         g = torch.Generator().manual_seed(1)
         torch.manual_seed(5)
-        out, scale, _ = model({"image": torch.randn(4, 3, 32, 32, generator=g), "text": torch.randint(0, 99, (4, 16), generator=g)})
+        out, scale, _ = model(
+            {"image": torch.randn(4, 3, 32, 32, generator=g), "text": torch.randint(0, 99, (4, 16), generator=g)}
+        )
         (scale * out["image"] @ out["text"].T).logsumexp(1).sum().backward()
         assert model.tower("image").encoder.transformer.grad_checkpointing is checkpointing
         return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -116,11 +136,16 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def three_towers() -> MultiEncoder:
-    return MultiEncoder(ModelConfig(embed_dim=32, towers={
-        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny"),
-        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
-        "audio": TowerConfig(type="audio_spectrogram", preset="mmcl-tiny"),
-    }))
+    return MultiEncoder(
+        ModelConfig(
+            embed_dim=32,
+            towers={
+                "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny"),
+                "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+                "audio": TowerConfig(type="audio_spectrogram", preset="mmcl-tiny"),
+            },
+        )
+    )
 
 
 def test_audio_tower_turns_a_waveform_into_an_embedding():
@@ -143,14 +168,21 @@ def test_three_towers_train_on_a_batch_with_missing_modalities():
     torch.manual_seed(0)
     model = three_towers()
     loss_fn = build_loss(LossConfig(pairs=["image-text", "audio-text"]))
-    present = {"image": torch.tensor([True, True, True, False, False, False]),
-               "audio": torch.tensor([False, False, False, True, True, True])}
-    real = {"image": torch.randn(6, 3, 32, 32), "text": torch.randint(0, 49408, (6, 16)),
-            "audio": torch.randn(6, 32, 61)}
+    present = {
+        "image": torch.tensor([True, True, True, False, False, False]),
+        "audio": torch.tensor([False, False, False, True, True, True]),
+    }
+    real = {
+        "image": torch.randn(6, 3, 32, 32),
+        "text": torch.randint(0, 49408, (6, 16)),
+        "audio": torch.randn(6, 32, 61),
+    }
 
     def loss_and_grads(filler):
-        inputs = {m: torch.where(present[m].view(-1, *[1] * (x.ndim - 1)), x, filler(x)) if m in present else x
-                  for m, x in real.items()}
+        inputs = {
+            m: torch.where(present[m].view(-1, *[1] * (x.ndim - 1)), x, filler(x)) if m in present else x
+            for m, x in real.items()
+        }
         model.zero_grad()
         out = loss_fn(*model(inputs), present=present)
         out["loss"].backward()

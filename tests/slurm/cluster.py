@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 from typing import Dict, List
+
+from launch import free_port
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client"]
 
@@ -19,17 +20,10 @@ def ensure_installed() -> None:
     if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "scontrol")):
         return
     if os.geteuid() != 0:
-        raise RuntimeError("SLURM is not installed and installing it needs root: "
-                           f"apt-get install {' '.join(PACKAGES)}")
+        raise RuntimeError(f"SLURM is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, capture_output=True)
     subprocess.run(["apt-get", "install", "-y", "-qq", *PACKAGES], check=True, env=env, capture_output=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CONFIG = """\
@@ -73,14 +67,27 @@ class Cluster:
 
     def start(self) -> "Cluster":
         (self.root / "state").mkdir(parents=True)
-        self.conf.write_text(CONFIG.format(root=self.root, ctld_port=free_port(), node1_port=free_port(),
-                                           node2_port=free_port()))
-        self.daemons.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], env=self.env,
-                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.conf.write_text(
+            CONFIG.format(root=self.root, ctld_port=free_port(), node1_port=free_port(), node2_port=free_port())
+        )
+        self.daemons.append(
+            subprocess.Popen(
+                ["slurmctld", "-D", "-i", "-f", str(self.conf)],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
         for node in ("node1", "node2"):
             (self.root / "spool" / node).mkdir(parents=True)
-            self.daemons.append(subprocess.Popen(["slurmd", "-D", "-N", node, "-f", str(self.conf)], env=self.env,
-                                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            self.daemons.append(
+                subprocess.Popen(
+                    ["slurmd", "-D", "-N", node, "-f", str(self.conf)],
+                    env=self.env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
         self.wait(lambda: self.run("sinfo", "-h", "-o", "%T %D").split() == ["idle", "2"], 60, "nodes idle")
         return self
 
@@ -95,8 +102,9 @@ class Cluster:
                 daemon.kill()
 
     def run(self, *command: str, cwd: Path | None = None, extra_env: Dict[str, str] | None = None) -> str:
-        result = subprocess.run(command, env={**self.env, **(extra_env or {})}, cwd=cwd, capture_output=True,
-                                text=True, timeout=60)
+        result = subprocess.run(
+            command, env={**self.env, **(extra_env or {})}, cwd=cwd, capture_output=True, text=True, timeout=60
+        )
         if result.returncode != 0:
             raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()}")
         return result.stdout.strip()

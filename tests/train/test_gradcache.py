@@ -6,37 +6,41 @@ import pytest
 import torch
 
 from mmcl import config as config_lib
-from mmcl.config import LossConfig, ModelConfig, TowerConfig
+from mmcl.config import LossConfig
 from mmcl.losses import build_loss
-from mmcl.models import MultiEncoder
 from mmcl.train.engine import TorchEngine
 from mmcl.train.gradcache import GradCache, plain_backward
-from mmcl.train.loop import train
+from mmcl.train.trainer import train
 
-from conftest import tiny_overrides
+from conftest import tiny_config, tiny_model, tiny_overrides
 
 NO_AUTOCAST = torch.autocast("cpu", enabled=False)
 BATCH = 12
 
 
-def tiny_model(patch_dropout=0.0, bias=None):
-    torch.manual_seed(0)
-    return MultiEncoder(ModelConfig(embed_dim=16, init_logit_bias=bias, towers={
-        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny",
-                             options={"layers": 1, "width": 32, "head_width": 16, "patch_dropout": patch_dropout}),
-        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny", options={"layers": 1, "width": 32, "heads": 2}),
-    })).double()
+def one_layer_model(patch_dropout=0.0, bias=None):
+    """A one-layer, width-32 image-text model in float64, optionally with patch dropout and a logit bias."""
+    return tiny_model(
+        **{
+            "model.embed_dim": 16,
+            "model.init_logit_bias": "null" if bias is None else bias,
+            "model.towers.image.options": f"{{layers: 1, width: 32, head_width: 16, patch_dropout: {patch_dropout}}}",
+            "model.towers.text.options": "{layers: 1, width: 32, heads: 2}",
+        }
+    ).double()
 
 
 def batch():
     g = torch.Generator().manual_seed(1)
-    return {"image": torch.randn(BATCH, 3, 32, 32, generator=g, dtype=torch.float64),
-            "text": torch.randint(1, 49000, (BATCH, 16), generator=g)}
+    return {
+        "image": torch.randn(BATCH, 3, 32, 32, generator=g, dtype=torch.float64),
+        "text": torch.randint(1, 49000, (BATCH, 16), generator=g),
+    }
 
 
 def engine_for(model):
-    cfg = config_lib.load(None, tiny_overrides("unused.tar"))
-    return TorchEngine(model, cfg)
+    cfg = tiny_config()
+    return TorchEngine(model, cfg.optim, cfg.run.steps)
 
 
 def grads(model):
@@ -45,7 +49,9 @@ def grads(model):
 
 def chunked_full_graph(model, loss_fn, inputs, chunk_sizes):
     """Reference: the same chunks, in the same order (so the same random draws), all kept in one graph."""
-    embeddings = {m: torch.cat([model.encode(m, c) for c in inputs[m].split(chunk_sizes[m])]) for m in ("image", "text")}
+    embeddings = {
+        m: torch.cat([model.encode(m, c) for c in inputs[m].split(chunk_sizes[m])]) for m in ("image", "text")
+    }
     out = loss_fn(embeddings, *model.similarity())
     out["loss"].backward()
     return out["loss"].detach()
@@ -63,7 +69,7 @@ LOSSES = [("infonce", None), ("infonce_tiled", None), ("siglip", -10.0), ("dcl",
 @pytest.mark.parametrize("name, bias", LOSSES)
 def test_equals_plain_full_batch_step_without_randomness(name, bias):
     loss_fn = build_loss(LossConfig(name=name, chunk_size=5))
-    model = tiny_model(bias=bias)
+    model = one_layer_model(bias=bias)
     plain = plain_backward(engine_for(model), loss_fn, batch(), NO_AUTOCAST)["loss"]
     expected = grads(model)
     model.zero_grad(set_to_none=True)
@@ -77,7 +83,7 @@ def test_equals_plain_full_batch_step_without_randomness(name, bias):
 def test_equals_full_graph_with_random_masking_on(name, bias):
     loss_fn = build_loss(LossConfig(name=name, chunk_size=5))
     chunks = {"image": 5, "text": 3}
-    model = tiny_model(patch_dropout=0.5, bias=bias)
+    model = one_layer_model(patch_dropout=0.5, bias=bias)
     model.train()
     torch.manual_seed(123)
     reference_loss = chunked_full_graph(model, loss_fn, batch(), chunks)
@@ -93,15 +99,26 @@ def test_equals_full_graph_with_random_masking_on(name, bias):
     model.zero_grad(set_to_none=True)
     torch.manual_seed(321)
     GradCache(chunks)(engine_for(model), loss_fn, batch(), NO_AUTOCAST)
-    assert not torch.allclose(grads(model)["towers.image.encoder.conv1.weight"],
-                              expected["towers.image.encoder.conv1.weight"])
+    assert not torch.allclose(
+        grads(model)["towers.image.encoder.conv1.weight"], expected["towers.image.encoder.conv1.weight"]
+    )
 
 
 def test_training_with_grad_cache_follows_the_plain_loss_curve(tmp_path, digits_root):
     def run(name, extra):
-        overrides = tiny_overrides(f"{digits_root}/train/{{000000..000005}}.tar", **{
-            "run.output_dir": tmp_path, "run.name": name, "run.steps": 8, "run.checkpoint_every": 100,
-            "optim.warmup_steps": 2, "optim.lr": 1e-3, "data.batch_size": 24, **extra})
+        overrides = tiny_overrides(
+            f"{digits_root}/train/{{000000..000005}}.tar",
+            **{
+                "run.output_dir": tmp_path,
+                "run.name": name,
+                "run.steps": 8,
+                "run.checkpoint_every": 100,
+                "optim.warmup_steps": 2,
+                "optim.lr": 1e-3,
+                "data.batch_size": 24,
+                **extra,
+            },
+        )
         run_dir = train(config_lib.load(None, overrides)).run_dir
         return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 

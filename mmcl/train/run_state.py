@@ -1,0 +1,51 @@
+"""The run's counters, and the health check that stops a run which has stopped making sense."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Dict
+
+from mmcl import dist
+from mmcl.data import Batch
+from mmcl.errors import TrainingHalted
+
+
+@dataclass
+class RunState:
+    """The run's counters, saved in every checkpoint's meta data and restored on resume."""
+
+    step: int = 0
+    samples_seen: int = 0  # by every process
+    samples_skipped: int = 0  # unreadable samples this process's stream dropped
+    nonfinite_steps: int = 0  # steps with a NaN/Inf loss or gradient (their updates were skipped)
+    nonfinite_in_a_row: int = 0
+
+    def advance(self, batch: Batch, metrics: Dict[str, float]) -> None:
+        bad = metrics.get("nonfinite", 0.0) > 0 or not math.isfinite(metrics["loss"])
+        self.step += 1
+        self.samples_seen += len(batch) * dist.world_size()
+        self.samples_skipped += batch.skipped
+        self.nonfinite_steps += int(bad)
+        self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
+
+    @classmethod
+    def from_meta(cls, meta: Dict[str, Any]) -> "RunState":
+        return cls(**{name: meta[name] for name in asdict(cls()) if name in meta})
+
+
+def check_health(state: RunState, max_nonfinite_steps: int, max_skipped_fraction: float) -> None:
+    """Stop with a clear message when the run has stopped making sense (this process's counts)."""
+    if state.nonfinite_in_a_row >= max_nonfinite_steps:
+        raise TrainingHalted(
+            f"{state.nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient "
+            f"(optim.max_nonfinite_steps={max_nonfinite_steps}); lower optim.lr, "
+            "set optim.grad_clip, or check the data"
+        )
+    skipped, seen = state.samples_skipped, state.samples_seen // dist.world_size()
+    if skipped > max_skipped_fraction * (skipped + seen) and skipped + seen >= 100:
+        raise TrainingHalted(
+            f"{skipped} of the {skipped + seen} samples read were unreadable, more than "
+            f"data.max_skipped_fraction={max_skipped_fraction}; see the warnings "
+            "naming each shard and key"
+        )

@@ -1,0 +1,222 @@
+"""The training run: check the config, build model, loss, engine and stream, then step -> log ->
+checkpoint -> evaluate until run.steps or a stop signal.
+
+Runs unchanged as one process or under a launcher (torchrun, deepspeed, srun): every process trains on
+its share of the shards; process 0 alone writes metrics, shows progress and evaluates.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+
+from mmcl import config as config_lib
+from mmcl import dist
+from mmcl.checkpoint import state as checkpoints
+from mmcl.checkpoint.init_from import load_initial_weights
+from mmcl.config import Config, RunConfig, parse_fields
+from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
+from mmcl.eval.datasets import check_dataset
+from mmcl.eval.suite import evaluate_all
+from mmcl.losses import build_loss, check_loss_config
+from mmcl.models import MultiEncoder, check_model_config, load_model
+from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
+from mmcl.train.gradcache import build_backward, micro_steps
+from mmcl.train.metrics_log import TrainingLog
+from mmcl.train.run_state import RunState, check_health
+from mmcl.train.step import train_step
+
+log = logging.getLogger("mmcl.train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def check_config(cfg: Config) -> None:
+    """Every component checks its own settings against the towers, before anything is built."""
+    modalities = list(cfg.model.towers)
+    check_model_config(cfg.model)
+    check_data_config(cfg.data, modalities)
+    check_loss_config(cfg.loss, modalities, cfg.data.optional_modalities)
+    check_engine_config(cfg.engine, modalities, cfg.data.batch_size)
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGUSR1 (a scheduler's warning before preemption or the time limit)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        log.warning("received %s: checkpointing after this step, then stopping", signal.Signals(signum).name)
+        self.requested = True
+
+
+@dataclass
+class RunResult:
+    run_dir: Path  # config.yaml, metrics.jsonl, tensorboard/, loss.png, checkpoints/, eval.json
+    step: int
+    stopped: bool  # stopped early on SIGTERM/SIGUSR1, after checkpointing: resume with run.resume=latest
+
+
+def open_run_dir(cfg: Config) -> Tuple[Path, Optional[Path], str]:
+    """(run directory, checkpoint to resume from or None, the config as YAML), after the checks that
+    must pass before any compute: no silent overwrite of a run, evaluation sets present."""
+    run_dir = Path(cfg.run.output_dir) / cfg.run.name
+    resume_from = checkpoints.resolve(run_dir, cfg.run.resume)
+    if resume_from is None and checkpoints.latest(run_dir) is not None:
+        raise FileExistsError(
+            f"run directory {run_dir} already holds checkpoints: pass run.resume=latest "
+            "to continue it, or choose another run.name"
+        )
+    for root in cfg.eval.datasets:  # a missing evaluation set should stop the run now, not after training
+        check_dataset(root)
+    config_yaml = config_lib.to_yaml(cfg)
+    if dist.rank() == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    dist.barrier()  # the run directory exists for every process
+    return run_dir, resume_from, config_yaml
+
+
+def stream_inputs(model: MultiEncoder, cfg: Config) -> Dict[str, InputSpec]:
+    """What the stream must produce: one input per tower, read from the configured shard fields, with a
+    placeholder for each modality a sample may lack."""
+    preprocess = model.preprocessors(train=True)
+    return {
+        m: InputSpec(
+            model.tower(m).input_kind,
+            parse_fields(cfg.data.fields[m]),
+            preprocess[m],
+            model.tower(m).placeholder() if m in cfg.data.optional_modalities else None,
+        )
+        for m in model.modalities
+    }
+
+
+def step_seed(run: RunConfig, step: int) -> int:
+    """The seed of one step's sampled negatives: the same on every process, and again after a resume."""
+    return random.Random(f"{run.seed}:{step}").getrandbits(63)
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        check_config(cfg)
+        self.cfg = cfg
+        self.device = dist.resolve_device(cfg.engine.device)
+        dist.init_from_env(self.device)
+        self.run_dir, resume_from, self.config_yaml = open_run_dir(cfg)
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
+        random.seed(cfg.run.seed)
+        self.engine = self._build_engine(initialise=resume_from is None)
+        self.loss_fn = build_loss(cfg.loss)
+        self.state, position = RunState(), (0, 0)
+        if resume_from is not None:
+            meta = checkpoints.load(resume_from, self.engine)
+            self.state, position = RunState.from_meta(meta), tuple(meta["data_position"][dist.rank()])
+            log.info("resumed from %s at step %d", resume_from, self.state.step)
+        self.stream = TrainStream(
+            cfg.data.train,
+            stream_inputs(self.engine.model, cfg),
+            cfg.data.batch_size,
+            cfg.data.workers,
+            cfg.data.shuffle_buffer,
+            cfg.run.seed,
+            start=position,
+        )
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
+
+    def _build_engine(self, initialise: bool) -> Engine:
+        cfg = self.cfg
+        model = MultiEncoder(cfg.model)
+        if cfg.model.init_from and initialise:
+            fresh = load_initial_weights(model, cfg.model.init_from)
+            log.info(
+                "initialised from %s%s",
+                cfg.model.init_from,
+                f"; {len(fresh)} parameters start fresh, e.g. {fresh[:3]}" if fresh else "",
+            )
+        self.backward = build_backward(cfg.engine.grad_cache)
+        batch = cfg.data.batch_size
+        shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, model.modalities, batch))
+        return build_engine(model.to(self.device), cfg.engine, cfg.optim, shape, self.device)
+
+    def train(self) -> RunResult:
+        """Train as configured, until run.steps or a stop signal."""
+        stop, stopping = StopRequest(), False
+        self.engine.model.train()
+        with TrainingLog(self.run_dir, self.cfg.run, self.state, main=dist.rank() == 0) as logs:
+            for batch in self.stream if self.state.step < self.cfg.run.steps else ():
+                metrics = self.train_step(batch)
+                logs.record(self.state, batch, metrics, self.stream.epoch)
+                stopping = dist.any_rank(stop.requested)
+                self.checkpoint(force=stopping)
+                if self.state.step >= self.cfg.run.steps or stopping:
+                    break
+                self.evaluate_during_training(logs)
+        if stopping:
+            log.warning("stopped at step %d on request; resume with run.resume=latest", self.state.step)
+        elif self.cfg.eval.datasets:
+            self.evaluate(self.run_dir / "eval.json")
+        dist.barrier()
+        return RunResult(self.run_dir, self.state.step, stopping)
+
+    def train_step(self, batch: Batch) -> Dict[str, float]:
+        inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.inputs.items()}
+        present = {m: batch.present[m].to(self.device) for m in self.cfg.data.optional_modalities}
+        loss_fn = partial(self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step))
+        metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
+        self.state.advance(batch, metrics)
+        metrics["nonfinite_steps"] = self.state.nonfinite_steps
+        check_health(self.state, self.cfg.optim.max_nonfinite_steps, self.cfg.data.max_skipped_fraction)
+        return metrics
+
+    def checkpoint(self, force: bool = False) -> None:
+        """Collective: a checkpoint every run.checkpoint_every steps, at the last step, or when `force`d."""
+        step = self.state.step
+        if not (force or step % self.cfg.run.checkpoint_every == 0 or step == self.cfg.run.steps):
+            return
+        positions = dist.all_gather_object(self.stream.position)  # one (epoch, batches) per process
+        meta = {**asdict(self.state), "data_position": positions}
+        checkpoints.save(self.run_dir, step, self.engine, meta, self.config_yaml, self.cfg.run.keep_last)
+
+    def evaluate_during_training(self, logs: TrainingLog) -> None:
+        every = self.cfg.eval.every_steps
+        if self.cfg.eval.datasets and every and self.state.step % every == 0:
+            results = self.evaluate(self.run_dir / "eval_steps" / f"step_{self.state.step:08d}.json", quiet=True)
+            logs.record_eval(self.state.step, results)
+
+    def evaluate(self, out_path: Path, quiet: bool = False) -> Optional[Dict[str, Dict[str, Any]]]:
+        """Evaluate the engine's current weights on eval.datasets (process 0; collective call)."""
+        weights = self.engine.model_state()  # collective: gathers ZeRO-3 shards
+        results = None
+        if dist.rank() == 0:
+            with torch.random.fork_rng(devices=[]):  # building and running the copy draws nothing from the run's RNG
+                model = load_model(self.cfg.model, weights, self.device)
+                results = evaluate_all(
+                    model,
+                    self.cfg.eval.datasets,
+                    self.cfg.data.fields,
+                    self.cfg.eval.batch_size,
+                    self.cfg.eval.recall_k,
+                    out_path,
+                    self.device,
+                    model_name=self.cfg.run.name,
+                    progress=self.cfg.run.progress,
+                    quiet=quiet,
+                )
+        dist.barrier()
+        return results
+
+
+def train(cfg: Config) -> RunResult:
+    """Train as configured (the config checked first, before any compute)."""
+    return Trainer(cfg).train()
