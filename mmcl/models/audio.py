@@ -14,9 +14,10 @@ import torch
 from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
-from mmcl.config import ConfigError, TowerConfig
+from mmcl.config import TowerConfig
 from mmcl.data.audio import LogMel, MelSettings, crop_or_pad, resample
 from mmcl.data.decode import Waveform
+from mmcl.errors import ConfigError
 from mmcl.models.towers import TOWERS, Tower, merged_settings
 
 
@@ -41,8 +42,9 @@ class AudioSettings(MelSettings):
 
 AUDIO_PRESETS: Dict[str, Dict[str, Any]] = {
     # For CPU tests and the demo: 1.2 s at 16 kHz, 32 mels every 20 ms -> 4 x 15 patches.
-    "mmcl-tiny": dict(clip_seconds=1.2, n_fft=512, hop_length=320, n_mels=32, patch_freq=8, patch_time=4,
-                      width=128, layers=2, heads=4),
+    "mmcl-tiny": dict(
+        clip_seconds=1.2, n_fft=512, hop_length=320, n_mels=32, patch_freq=8, patch_time=4, width=128, layers=2, heads=4
+    ),
     # AST-like: 10 s, 128 mels every 10 ms, 16 x 16 patches, ViT-B/16 sized.
     "base": dict(clip_seconds=10.0, n_mels=128, width=768, layers=12, heads=12),
 }
@@ -57,8 +59,11 @@ class AudioPreprocess:
 
     def __call__(self, waveform: Waveform) -> torch.Tensor:
         samples, rate = waveform
-        clip = crop_or_pad(torch.from_numpy(np.ascontiguousarray(resample(samples, rate, self.settings.sample_rate))),
-                           self.settings.clip_samples, self.train)
+        clip = crop_or_pad(
+            torch.from_numpy(np.ascontiguousarray(resample(samples, rate, self.settings.sample_rate))),
+            self.settings.clip_samples,
+            self.train,
+        )
         spectrogram = self.log_mel(clip)  # (n_mels, frames)
         # Per-clip standardisation: loudness and recording gain should not matter to the embedding.
         return (spectrogram - spectrogram.mean()) / (spectrogram.std() + 1e-5)
@@ -71,15 +76,19 @@ class AudioSpectrogramTower(Tower):
     @classmethod
     def settings(cls, cfg: TowerConfig, key: str = "tower") -> AudioSettings:
         if cfg.preset and cfg.preset not in AUDIO_PRESETS:
-            raise ConfigError(f"config key '{key}.preset': unknown audio preset {cfg.preset!r}; "
-                              f"known: {', '.join(AUDIO_PRESETS)}")
+            raise ConfigError(
+                f"config key '{key}.preset': unknown audio preset {cfg.preset!r}; known: {', '.join(AUDIO_PRESETS)}"
+            )
         settings = merged_settings(AudioSettings, AUDIO_PRESETS.get(cfg.preset, {}), cfg.options, key)
         if settings.n_mels % settings.patch_freq:
-            raise ConfigError(f"config key '{key}.options': n_mels ({settings.n_mels}) is not a multiple of "
-                              f"patch_freq ({settings.patch_freq})")
+            raise ConfigError(
+                f"config key '{key}.options': n_mels ({settings.n_mels}) is not a multiple of "
+                f"patch_freq ({settings.patch_freq})"
+            )
         if settings.width % settings.heads:
-            raise ConfigError(f"config key '{key}.options': width ({settings.width}) is not a multiple of "
-                              f"heads ({settings.heads})")
+            raise ConfigError(
+                f"config key '{key}.options': width ({settings.width}) is not a multiple of heads ({settings.heads})"
+            )
         return settings
 
     @classmethod
@@ -91,7 +100,7 @@ class AudioSpectrogramTower(Tower):
         s = self.audio_settings = self.settings(cfg)
         self.grid = (s.n_mels // s.patch_freq, s.frames // s.patch_time)  # trailing frames are dropped
         self.patch_embed = nn.Conv2d(1, s.width, (s.patch_freq, s.patch_time), (s.patch_freq, s.patch_time), bias=False)
-        scale = s.width ** -0.5
+        scale = s.width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(s.width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(1 + self.grid[0] * self.grid[1], s.width))
         self.ln_pre = LayerNorm(s.width)

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Mapping, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmcl.config import ModelConfig
+from mmcl.errors import ConfigError
 from mmcl.models.towers import TOWERS, Tower
+
+
+class Encoded(NamedTuple):
+    """What the model gives the loss: unit-norm embeddings by modality, (B, D) each, and the logit
+    scale (the multiplier, exp of the learnt log-scale) and bias (SigLIP's, else None), 0-dim."""
+
+    embeddings: Dict[str, torch.Tensor]
+    logit_scale: torch.Tensor
+    logit_bias: Optional[torch.Tensor]
 
 
 class Similarity(nn.Module):
@@ -52,17 +63,35 @@ class MultiEncoder(nn.Module):
         emb = self.towers[modality](inputs)  # (B, embed_dim)
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def forward(self, inputs: Mapping[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], torch.Tensor, Optional[torch.Tensor]]:
-        """(embeddings of every modality in `inputs` that has a tower, logit scale, logit bias).
+    def forward(self, inputs: Mapping[str, torch.Tensor]) -> Encoded:
+        """The embeddings of every modality in `inputs` that has a tower, with the logit scale and bias.
 
         Everything a loss needs comes out of this one call, so a wrapping engine (DeepSpeed ZeRO-3)
         sees every parameter used inside its forward.
         """
         embeddings = {m: self.encode(m, x) for m, x in inputs.items() if m in self.towers}
-        return (embeddings, *self.similarity())
+        return Encoded(embeddings, *self.similarity())
 
     def preprocessors(self, train: bool) -> Dict[str, Callable]:
-        return {m: tower.preprocess(train) for m, tower in self.towers.items()}
+        return {m: self.tower(m).preprocess(train) for m in self.modalities}
 
     def tower(self, modality: str) -> Tower:
         return self.towers[modality]  # type: ignore[return-value]
+
+
+def check_model_config(cfg: ModelConfig, key: str = "model") -> None:
+    """Everything MultiEncoder(cfg) needs, checked without building it: a ConfigError names the key."""
+    if len(cfg.towers) < 2:
+        raise ConfigError(f"config key '{key}.towers': at least two towers are needed")
+    for modality, tower in cfg.towers.items():
+        TOWERS.check(tower.type, f"{key}.towers.{modality}.type")
+        TOWERS.get(tower.type).check(tower, f"{key}.towers.{modality}")
+    if cfg.init_from and not Path(cfg.init_from).exists():
+        raise ConfigError(f"config key '{key}.init_from': {cfg.init_from} does not exist")
+
+
+def load_model(cfg: ModelConfig, weights: Mapping[str, torch.Tensor], device: torch.device) -> MultiEncoder:
+    """A plain, unsharded model holding `weights`, in evaluation mode on `device`."""
+    model = MultiEncoder(cfg)
+    model.load_state_dict(weights)
+    return model.to(device).eval()

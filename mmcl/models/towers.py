@@ -5,11 +5,16 @@ declares what it reads from a shard (`input_kind`) and how a decoded value becom
 (`preprocess`), so the data stream is wired from the towers and a new modality needs no model edits.
 The image and text towers are open_clip's own VisionTransformer and TextTransformer; the audio tower
 (audio.py) is built from open_clip's transformer blocks.
+
+open_clip keeps one model-level `quick_gelu` flag (true for every OpenAI CLIP architecture); here it is
+a setting of each open_clip tower, read from the preset's top level and overridable in `options`, so
+the activation travels with the tower into checkpoints and exports.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Type
 
@@ -20,7 +25,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import image_transform
 from torch import nn
 
-from mmcl.config import ConfigError, TowerConfig
+from mmcl.config import TowerConfig
+from mmcl.errors import ConfigError
 from mmcl.registry import Registry
 
 # mmcl's tiny presets become open_clip model configs, so open_clip.create_model can build them too.
@@ -45,12 +51,39 @@ class Tower(nn.Module):
 
 
 def merged_settings(settings_class: type, preset: Dict[str, Any], options: Dict[str, Any], key: str) -> Any:
-    """settings_class(**preset, **options), after a ConfigError naming any option it does not have."""
-    known = {f.name for f in dataclasses.fields(settings_class)}
-    for name in options:
-        if name not in known:
+    """settings_class(**preset, **options), after a ConfigError naming any option it does not have or
+    whose value is not of its setting's plain type (bool, int, float, str)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(settings_class)}
+    for name, value in options.items():
+        if name not in defaults:
             raise ConfigError(f"config key '{key}.options.{name}': not a setting of {settings_class.__name__}")
+        if not _plain_type_fits(defaults[name], value):
+            raise ConfigError(f"config key '{key}.options.{name}': {value!r} is not a {type(defaults[name]).__name__}")
     return settings_class(**{**preset, **options})
+
+
+def _plain_type_fits(default: Any, value: Any) -> bool:
+    """Whether `value` can stand where `default` does; only plain defaults are checked (a None or a
+    tuple default admits other shapes, and open_clip's sizes take a tuple where the default is an int)."""
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, int):
+        return isinstance(value, (int, list, tuple)) and not isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, str):
+        return isinstance(value, str)
+    return True
+
+
+@dataclass
+class VisionSettings(CLIPVisionCfg):
+    quick_gelu: bool = False  # QuickGELU (x * sigmoid(1.702 x)) instead of GELU, as OpenAI's CLIP
+
+
+@dataclass
+class TextSettings(CLIPTextCfg):
+    quick_gelu: bool = False
 
 
 class OpenClipTower(Tower):
@@ -66,7 +99,7 @@ class OpenClipTower(Tower):
             model_cfg = open_clip.get_model_config(cfg.preset)
             if model_cfg is None:
                 raise ConfigError(f"config key '{key}.preset': unknown open_clip model config {cfg.preset!r}")
-            base = dict(model_cfg.get(cls.settings_key, {}))
+            base = {**model_cfg.get(cls.settings_key, {}), "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
         return merged_settings(cls.settings_class, base, cfg.options, key)
 
     @classmethod
@@ -77,13 +110,13 @@ class OpenClipTower(Tower):
 @TOWERS.register("open_clip_vision")
 class OpenClipVisionTower(OpenClipTower):
     input_kind = "image"
-    settings_class = CLIPVisionCfg
+    settings_class = VisionSettings
     settings_key = "vision_cfg"
 
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()
-        self.vision_cfg: CLIPVisionCfg = self.settings(cfg)
-        self.encoder = _build_vision_tower(embed_dim, self.vision_cfg)
+        self.vision_cfg: VisionSettings = self.settings(cfg)
+        self.encoder = _build_vision_tower(embed_dim, self.vision_cfg, quick_gelu=self.vision_cfg.quick_gelu)
         self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -110,13 +143,13 @@ class _Tokenize:
 @TOWERS.register("open_clip_text")
 class OpenClipTextTower(OpenClipTower):
     input_kind = "text"
-    settings_class = CLIPTextCfg
+    settings_class = TextSettings
     settings_key = "text_cfg"
 
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()
-        self.text_cfg: CLIPTextCfg = self.settings(cfg)
-        self.encoder = _build_text_tower(embed_dim, self.text_cfg)
+        self.text_cfg: TextSettings = self.settings(cfg)
+        self.encoder = _build_text_tower(embed_dim, self.text_cfg, quick_gelu=self.text_cfg.quick_gelu)
         self.encoder.set_grad_checkpointing(cfg.grad_checkpointing)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,6 @@
 consolidate (by DeepSpeed's tool) to the weights the training processes held."""
 
 import json
-from pathlib import Path
 
 import open_clip
 import pytest
@@ -13,19 +12,15 @@ from safetensors.torch import load_file
 from mmcl import config as config_lib
 from mmcl.checkpoint import convert
 from mmcl.checkpoint import state as checkpoints
+from mmcl.checkpoint.init_from import load_initial_weights
 from mmcl.cli import main
-from mmcl.config import ConfigError
+from mmcl.config import ModelConfig, TowerConfig
+from mmcl.errors import ConfigError
 from mmcl.models import MultiEncoder
-from mmcl.train.loop import train
+from mmcl.train.trainer import train
 
-from conftest import tiny_overrides
+from conftest import REPO, tiny_config, tiny_overrides
 from launch import launch
-
-REPO = Path(__file__).parents[2]
-
-
-def tiny_config(**extra):
-    return config_lib.load(None, tiny_overrides("unused.tar", **{"model.towers.image.options.patch_dropout": 0.0, **extra}))
 
 
 def mmcl_logits(model, images, tokens):
@@ -47,10 +42,22 @@ def test_exported_model_gives_the_same_logits_in_open_clip(tmp_path, bias):
     g = torch.Generator().manual_seed(1)
     images = torch.randn(6, 3, 32, 32, generator=g)
     tokenize = model.preprocessors(train=False)["text"]
-    tokens = torch.stack([tokenize(t) for t in ["a photo of the number seven", "handwritten 3", "zero",
-                                                 "the digit nine", "a scan of a one", "five"]])
+    tokens = torch.stack(
+        [
+            tokenize(t)
+            for t in [
+                "a photo of the number seven",
+                "handwritten 3",
+                "zero",
+                "the digit nine",
+                "a scan of a one",
+                "five",
+            ]
+        ]
+    )
     reference_tokens = open_clip.get_tokenizer(f"exported{bias}")(
-        ["a photo of the number seven", "handwritten 3", "zero", "the digit nine", "a scan of a one", "five"])
+        ["a photo of the number seven", "handwritten 3", "zero", "the digit nine", "a scan of a one", "five"]
+    )
     assert torch.equal(tokens, reference_tokens)  # each side's own tokenizer
     with torch.no_grad():
         image_features = theirs.encode_image(images, normalize=True)
@@ -79,7 +86,11 @@ def test_an_open_clip_model_imports_as_mmcl_towers():
     ours.load_state_dict(convert.from_open_clip_state(theirs.state_dict()))
     images, tokens = torch.randn(3, 3, 32, 32), torch.randint(1, 4000, (3, 16))
     with torch.no_grad():
-        expected = theirs.logit_scale.exp() * theirs.encode_image(images, normalize=True) @ theirs.encode_text(tokens, normalize=True).T
+        expected = (
+            theirs.logit_scale.exp()
+            * theirs.encode_image(images, normalize=True)
+            @ theirs.encode_text(tokens, normalize=True).T
+        )
         torch.testing.assert_close(mmcl_logits(ours, images, tokens), expected, atol=1e-5, rtol=0)
 
 
@@ -95,9 +106,17 @@ def zero3_worker(rank, world, overrides):
 
 
 def test_zero3_checkpoint_from_two_processes_consolidates_to_the_trained_weights(tmp_path, digits_root):
-    overrides = tiny_overrides(f"{digits_root}/train/{{000000..000005}}.tar", **{
-        "run.output_dir": tmp_path, "run.name": "z3", "run.steps": 3, "data.batch_size": 8,
-        "engine.backend": "deepspeed", "engine.zero_stage": 3})
+    overrides = tiny_overrides(
+        f"{digits_root}/train/{{000000..000005}}.tar",
+        **{
+            "run.output_dir": tmp_path,
+            "run.name": "z3",
+            "run.steps": 3,
+            "data.batch_size": 8,
+            "engine.backend": "deepspeed",
+            "engine.zero_stage": 3,
+        },
+    )
     launch(zero3_worker, 2, overrides)
     checkpoint = checkpoints.latest(tmp_path / "z3")
     assert main(["convert", "zero-fp32", str(tmp_path / "z3"), "--out", str(tmp_path / "fp32.safetensors")]) == 0
@@ -137,7 +156,7 @@ def test_hf_clip_export_gives_the_same_logits_and_imports_back(tmp_path):
     hf_tokens = tokenizer(prompts, padding="max_length", max_length=16, return_tensors="pt").input_ids
     eot = tokens.argmax(dim=1)  # each side's own tokenizer: the same ids up to the end of text
     for row, end in enumerate(eot):
-        assert torch.equal(tokens[row, :end + 1], hf_tokens[row, :end + 1])
+        assert torch.equal(tokens[row, : end + 1], hf_tokens[row, : end + 1])
     images = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         their_logits = theirs(input_ids=hf_tokens, pixel_values=images).logits_per_image  # (6, 6)
@@ -153,10 +172,13 @@ def test_hf_clip_export_gives_the_same_logits_and_imports_back(tmp_path):
         torch.testing.assert_close(mmcl_logits(again, images, tokens), mmcl_logits(model, images, tokens))
 
 
-@pytest.mark.parametrize("override, key", [
-    ({}, "model.towers.image.options.pool_type"),  # mmcl-tiny pools by average
-    ({"model.towers.image.options.pool_type": "tok", "model.init_logit_bias": -10.0}, "model.init_logit_bias"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ({}, "model.towers.image.options.pool_type"),  # mmcl-tiny pools by average
+        ({"model.towers.image.options.pool_type": "tok", "model.init_logit_bias": -10.0}, "model.init_logit_bias"),
+    ],
+)
 def test_hf_export_names_what_clipmodel_cannot_express(tmp_path, override, key):
     from mmcl.checkpoint.hf_clip import export_hf_clip
 
@@ -169,30 +191,44 @@ def test_training_starts_from_an_open_clip_checkpoint(tmp_path, digits_root):
     torch.manual_seed(5)
     theirs = open_clip.create_model("mmcl-tiny")
     torch.save(theirs.state_dict(), tmp_path / "start.pt")
-    overrides = tiny_overrides(f"{digits_root}/train/000000.tar", **{
-        "run.output_dir": tmp_path, "run.name": "init", "run.steps": 1, "optim.lr": 0.0,
-        "model.embed_dim": 128, "model.init_from": tmp_path / "start.pt"})
+    overrides = tiny_overrides(
+        f"{digits_root}/train/000000.tar",
+        **{
+            "run.output_dir": tmp_path,
+            "run.name": "init",
+            "run.steps": 1,
+            "optim.lr": 0.0,
+            "model.embed_dim": 128,
+            "model.init_from": tmp_path / "start.pt",
+        },
+    )
     assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 0
     trained = load_file(checkpoints.latest(tmp_path / "init") / "model.safetensors")
     expected = convert.from_open_clip_state(theirs.state_dict())
     for key, value in expected.items():  # lr 0: the run's weights are the checkpoint's
         torch.testing.assert_close(trained[key], value, rtol=0, atol=0)
 
-    wrong = tiny_overrides(f"{digits_root}/train/000000.tar", **{
-        "run.output_dir": tmp_path, "run.name": "wrong", "model.init_from": tmp_path / "start.pt"})  # embed_dim 64
+    wrong = tiny_overrides(
+        f"{digits_root}/train/000000.tar",
+        **{"run.output_dir": tmp_path, "run.name": "wrong", "model.init_from": tmp_path / "start.pt"},
+    )  # embed_dim 64
     assert main(["train", str(REPO / "configs/digits.yaml"), *wrong]) == 2
 
 
 def test_initial_weights_leave_missing_towers_fresh(tmp_path):
-    from mmcl.config import ModelConfig, TowerConfig
-
     image_text = MultiEncoder(tiny_config().model)
     torch.save(convert.to_open_clip_state(image_text.state_dict()), tmp_path / "it.pt")
-    three = MultiEncoder(ModelConfig(embed_dim=64, towers={
-        "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", options={"patch_dropout": 0.0}),
-        "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
-        "audio": TowerConfig(type="audio_spectrogram", preset="mmcl-tiny")}))
-    fresh = convert.load_initial_weights(three, tmp_path / "it.pt")
+    three = MultiEncoder(
+        ModelConfig(
+            embed_dim=64,
+            towers={
+                "image": TowerConfig(type="open_clip_vision", preset="mmcl-tiny", options={"patch_dropout": 0.0}),
+                "text": TowerConfig(type="open_clip_text", preset="mmcl-tiny"),
+                "audio": TowerConfig(type="audio_spectrogram", preset="mmcl-tiny"),
+            },
+        )
+    )
+    fresh = load_initial_weights(three, tmp_path / "it.pt")
     assert fresh and all(k.startswith("towers.audio.") for k in fresh)
     for key, value in image_text.state_dict().items():
         assert torch.equal(three.state_dict()[key], value)
