@@ -12,6 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as collectives
 
+from mmcl.errors import ConfigError
+
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -35,7 +37,9 @@ def all_gather_with_grad(local: torch.Tensor) -> torch.Tensor:
         return local
     # torch's functional all-gather (the replacement of torch.distributed.nn's) is differentiable;
     # wait() turns its asynchronous result into a plain tensor.
-    gathered = collectives.all_gather_single(local.contiguous(), 0, dist.group.WORLD)  # (world * B, ...)
+    group = dist.group.WORLD
+    assert group is not None  # a group exists whenever is_distributed()
+    gathered = collectives.all_gather_single(local.contiguous(), 0, group)  # (world * B, ...)
     return collectives.wait_tensor(gathered) if isinstance(gathered, collectives.AsyncCollectiveTensor) else gathered
 
 
@@ -43,12 +47,14 @@ class _RingShift(torch.autograd.Function):
     """Send a tensor to the next rank and receive the previous rank's; gradients travel the other way."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
         ctx.shape = tensor.shape
-        return _exchange(tensor.contiguous(), send_to=(rank() + 1) % world_size(), recv_from=(rank() - 1) % world_size())
+        return _exchange(
+            tensor.contiguous(), send_to=(rank() + 1) % world_size(), recv_from=(rank() - 1) % world_size()
+        )
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return _exchange(grad.contiguous(), send_to=(rank() - 1) % world_size(), recv_from=(rank() + 1) % world_size())
 
 
@@ -65,12 +71,29 @@ def ring_shift_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _RingShift.apply(tensor) if is_distributed() else tensor
 
 
-def init_from_env(lone_group: bool = False) -> None:
-    """Join the process group a launcher (torchrun, deepspeed, srun) describes in the environment.
+def resolve_device(name: str) -> torch.device:
+    """engine.device -> this process's device: "cuda" is the GPU the launcher's LOCAL_RANK names."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'engine.device': cuda, but no CUDA device is available")
+        return torch.device("cuda", local_rank())
+    return torch.device(name)
 
-    gloo on CPU, NCCL with CUDA. A process started alone joins nothing, unless `lone_group` asks for a
-    group of one (DeepSpeed needs a group even then).
+
+def backend_for(device: torch.device) -> str:
+    """The process group's backend for processes computing on `device`: NCCL for GPUs, gloo otherwise.
+
+    NCCL serves CUDA tensors only, so every collective below keeps its tensors on `collective_device()`.
     """
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_from_env(device: torch.device, lone_group: bool = False) -> None:
+    """Join the process group a launcher (torchrun, deepspeed, srun) describes in the environment, with
+    the backend for the device this process computes on. A process started alone joins nothing, unless
+    `lone_group` asks for a group of one (DeepSpeed needs a group even then)."""
     if dist.is_initialized():
         return
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
@@ -79,13 +102,27 @@ def init_from_env(lone_group: bool = False) -> None:
         with socket.socket() as probe:  # a free local port for the group's rendezvous
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(port)), ("RANK", "0"),
-                            ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):
+        for name, value in (
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", str(port)),
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("LOCAL_RANK", "0"),
+        ):
             os.environ.setdefault(name, value)
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank())
-    dist.init_process_group(backend)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        # Binding the group to this GPU lets NCCL set up its communicator for it, barriers included.
+        dist.init_process_group(backend_for(device), device_id=device)
+    else:
+        dist.init_process_group(backend_for(device))
+
+
+def collective_device() -> torch.device:
+    """The device whose tensors the process group's backend serves: this process's GPU under NCCL."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def local_rank() -> int:
@@ -101,13 +138,14 @@ def any_rank(flag: bool) -> bool:
     """True on every process if it is True on any (e.g. a stop signal that reached one process)."""
     if not is_distributed():
         return flag
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 
 
 def all_gather_object(obj: object) -> list:
-    """Every process's value of a small picklable object, in rank order."""
+    """Every process's value of a small picklable object, in rank order (torch moves its bytes to the
+    current GPU under NCCL)."""
     if not is_distributed():
         return [obj]
     gathered: list = [None] * world_size()
