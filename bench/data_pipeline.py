@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
-from braceexpand import braceexpand
 import torch
+from braceexpand import braceexpand
 from PIL import Image
 
 from data_prep.writer import ShardSetWriter, brace_pattern
@@ -48,8 +48,13 @@ def write_image_shards(out: Path, count: int, shards: int) -> str:
             rgb = np.clip(big[..., None] + rng.normal(0, 20, (224, 224, 3)), 0, 255).astype(np.uint8)
             buffer = io.BytesIO()
             Image.fromarray(rgb).save(buffer, format="JPEG", quality=90)
-            writer.write({"__key__": f"img{i:06d}", "jpg": buffer.getvalue(),
-                          "txt": f"a handwritten {digits.target[i % len(digits.target)]}"})
+            writer.write(
+                {
+                    "__key__": f"img{i:06d}",
+                    "jpg": buffer.getvalue(),
+                    "txt": f"a handwritten {digits.target[i % len(digits.target)]}",
+                }
+            )
     return brace_pattern(out, len(writer.sizes))
 
 
@@ -61,7 +66,7 @@ def write_audio_shards(out: Path, count: int, shards: int) -> str:
     binary = espeak_binary()
     rng = np.random.default_rng(0)
     clips = []
-    for i in range(min(count, 40)):  # 40 distinct 10 s recordings, repeated under distinct keys
+    for _ in range(min(count, 40)):  # 40 distinct 10 s recordings, repeated under distinct keys
         words = [synthesise(Utterance(int(d), "en-us+m3", 150, 50), binary) for d in rng.integers(0, 10, 14)]
         speech = np.concatenate([soundfile.read(io.BytesIO(w), dtype="float32")[0] for w in words])[: 10 * 22050]
         buffer = io.BytesIO()
@@ -118,15 +123,22 @@ def main() -> None:
     image_inputs = {"image": InputSpec("image", ["jpg"], transform), "text": InputSpec("text", ["txt"], _Tokenize(77))}
     settings = AudioSettings(**AUDIO_PRESETS["base"])
     preprocess = AudioPreprocess(settings, train=True)
-    audio_inputs = {"audio": InputSpec("audio", ["flac"], preprocess), "text": InputSpec("text", ["txt"], _Tokenize(77))}
+    audio_inputs = {
+        "audio": InputSpec("audio", ["flac"], preprocess),
+        "text": InputSpec("text", ["txt"], _Tokenize(77)),
+    }
     image_batches, audio_batches = args.images // args.batch - args.workers, args.clips // args.batch - args.workers
     passes = {
         "ours_image": lambda: timed(mmcl_batches(image_urls, image_inputs, args.images, args.batch, args.workers), len),
-        "theirs_image": lambda: timed(islice(open_clip_loader(image_urls, transform, tokenizer, args.batch, args.workers),
-                                             image_batches), lambda batch: len(batch[0])),
+        "theirs_image": lambda: timed(
+            islice(open_clip_loader(image_urls, transform, tokenizer, args.batch, args.workers), image_batches),
+            lambda batch: len(batch[0]),
+        ),
         "ours_audio": lambda: timed(mmcl_batches(audio_urls, audio_inputs, args.clips, args.batch, args.workers), len),
-        "theirs_audio": lambda: timed(islice(plain_audio_loader(audio_urls, preprocess, args.batch, args.workers),
-                                             audio_batches), lambda batch: len(batch[0])),
+        "theirs_audio": lambda: timed(
+            islice(plain_audio_loader(audio_urls, preprocess, args.batch, args.workers), audio_batches),
+            lambda batch: len(batch[0]),
+        ),
     }
     best: dict = {}
     for _ in range(args.repeats):
@@ -136,8 +148,10 @@ def main() -> None:
 
     print(f"per worker, {args.workers} worker(s), batch {args.batch}, 1 thread per process")
     print(f"{'pipeline':<30}  {'mmcl samples/s':>14}  {'reference samples/s':>19}  {'ratio':>5}")
-    for name, ours, theirs, ref in (("224px JPEG + caption", ours_image, theirs_image, "open_clip"),
-                                    ("10 s audio + caption", ours_audio, theirs_audio, "plain webdataset")):
+    for name, ours, theirs, ref in (
+        ("224px JPEG + caption", ours_image, theirs_image, "open_clip"),
+        ("10 s audio + caption", ours_audio, theirs_audio, "plain webdataset"),
+    ):
         print(f"{name:<30}  {ours / args.workers:14.1f}  {theirs / args.workers:13.1f} ({ref})  {ours / theirs:5.2f}")
 
 
@@ -146,14 +160,22 @@ def open_clip_loader(urls: str, preprocess: Callable, tokenizer: Callable, batch
     import random
 
     import webdataset as wds
-    from open_clip_train.data import (_SAMPLE_SHUFFLE_INITIAL, _SAMPLE_SHUFFLE_SIZE, _SHARD_SHUFFLE_INITIAL,
-                                      _SHARD_SHUFFLE_SIZE, SharedEpoch, detshuffle2, filter_no_caption_or_no_image,
-                                      log_and_continue)
+    from open_clip_train.data import (
+        _SAMPLE_SHUFFLE_INITIAL,
+        _SAMPLE_SHUFFLE_SIZE,
+        _SHARD_SHUFFLE_INITIAL,
+        _SHARD_SHUFFLE_SIZE,
+        SharedEpoch,
+        detshuffle2,
+        filter_no_caption_or_no_image,
+        log_and_continue,
+    )
 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(list(braceexpand(urls))),
         detshuffle2(bufsize=_SHARD_SHUFFLE_SIZE, initial=_SHARD_SHUFFLE_INITIAL, seed=0, epoch=SharedEpoch(0)),
-        wds.split_by_node, wds.split_by_worker,
+        wds.split_by_node,
+        wds.split_by_worker,
         wds.tarfile_to_samples(handler=log_and_continue),
         wds.shuffle(bufsize=_SAMPLE_SHUFFLE_SIZE, initial=_SAMPLE_SHUFFLE_INITIAL, rng=random.Random(0)),
         wds.select(filter_no_caption_or_no_image),
@@ -161,7 +183,8 @@ def open_clip_loader(urls: str, preprocess: Callable, tokenizer: Callable, batch
         wds.rename(image="jpg;png;jpeg;webp", text="txt"),
         wds.map_dict(image=preprocess, text=lambda text: tokenizer(text)[0]),
         wds.to_tuple("image", "text"),
-        wds.batched(batch, partial=False))
+        wds.batched(batch, partial=False),
+    )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
@@ -173,10 +196,12 @@ def plain_audio_loader(urls: str, preprocess: Callable, batch: int, workers: int
     from mmcl.models.towers import _Tokenize
 
     tokenize = _Tokenize(77)
-    dataset = (wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node)
-               .shuffle(1000)
-               .map(lambda s: (preprocess(decode_audio(s["flac"])), tokenize(s["txt"].decode())))
-               .batched(batch, partial=False))
+    dataset = (
+        wds.WebDataset(urls, shardshuffle=False, nodesplitter=wds.split_by_node)
+        .shuffle(1000)
+        .map(lambda s: (preprocess(decode_audio(s["flac"])), tokenize(s["txt"].decode())))
+        .batched(batch, partial=False)
+    )
     return wds.WebLoader(dataset, batch_size=None, num_workers=workers)
 
 

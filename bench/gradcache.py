@@ -32,23 +32,36 @@ def measure(mode: str, batch: int, chunk: int, device: str, steps: int) -> dict:
     from mmcl import config as config_lib
     from mmcl.losses import build_loss
     from mmcl.models import MultiEncoder
-    from mmcl.train.engine import build_engine
+    from mmcl.train.engine import StepShape, build_engine
     from mmcl.train.gradcache import build_backward, micro_steps
     from mmcl.train.step import train_step
 
-    cfg = config_lib.load(None, [
-        "data.train=unused.tar", f"data.batch_size={batch}", "model.embed_dim=128",
-        "model.towers.image.type=open_clip_vision", "model.towers.image.preset=mmcl-tiny",
-        "model.towers.text.type=open_clip_text", "model.towers.text.preset=mmcl-tiny",
-        "loss.name=infonce_tiled", "loss.chunk_size=256", "optim.warmup_steps=1",
-        *([f"engine.grad_cache.image={chunk}", f"engine.grad_cache.text={chunk}"] if mode == "gradcache" else [])])
+    cfg = config_lib.load(
+        None,
+        [
+            "data.train=unused.tar",
+            f"data.batch_size={batch}",
+            "model.embed_dim=128",
+            "model.towers.image.type=open_clip_vision",
+            "model.towers.image.preset=mmcl-tiny",
+            "model.towers.text.type=open_clip_text",
+            "model.towers.text.preset=mmcl-tiny",
+            "loss.name=infonce_tiled",
+            "loss.chunk_size=256",
+            "optim.warmup_steps=1",
+            *([f"engine.grad_cache.image={chunk}", f"engine.grad_cache.text={chunk}"] if mode == "gradcache" else []),
+        ],
+    )
     torch.manual_seed(0)
     model = MultiEncoder(cfg.model).to(device)
     loss_fn = build_loss(cfg.loss)
     backward = build_backward(cfg.engine.grad_cache)
-    engine = build_engine(model, cfg, micro_steps(backward, model.modalities, batch), torch.device(device))
-    inputs = {"image": torch.randn(batch, 3, 32, 32, device=device),
-              "text": torch.randint(1, 49000, (batch, 16), device=device)}
+    shape = StepShape(steps, batch, micro_steps(backward, model.modalities, batch))
+    engine = build_engine(model, cfg.engine, cfg.optim, shape, torch.device(device))
+    inputs = {
+        "image": torch.randn(batch, 3, 32, 32, device=device),
+        "text": torch.randint(1, 49000, (batch, 16), device=device),
+    }
     autocast = torch.autocast(device, enabled=False)
 
     def step():
@@ -80,13 +93,18 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
 
-    mib = 2 ** 20
-    rows = {(mode, b): run_isolated('gradcache', mode, b, args.chunk, args.device, args.steps)
-            for b in args.batches for mode in ("plain", "gradcache")}
+    mib = 2**20
+    rows = {
+        (mode, b): run_isolated("gradcache", mode, b, args.chunk, args.device, args.steps)
+        for b in args.batches
+        for mode in ("plain", "gradcache")
+    }
     base = rows[("gradcache", args.batches[0])].get("peak_bytes")
     print(f"device={args.device} model=mmcl-tiny chunk={args.chunk} loss=infonce_tiled")
-    print(f"{'batch':>6}  {'plain MiB':>9}  {'gradcache MiB':>13}  {'gc / gc@first':>13}  "
-          f"{'plain s':>7}  {'gradcache s':>11}  {'time ratio':>10}")
+    print(
+        f"{'batch':>6}  {'plain MiB':>9}  {'gradcache MiB':>13}  {'gc / gc@first':>13}  "
+        f"{'plain s':>7}  {'gradcache s':>11}  {'time ratio':>10}"
+    )
     for b in args.batches:
         plain, cached = rows[("plain", b)], rows[("gradcache", b)]
 
@@ -94,11 +112,16 @@ def main() -> None:
             return format(row[key] / scale, spec) if key in row else "failed"
 
         growth = format(cached["peak_bytes"] / base, "13.2f") if base and "peak_bytes" in cached else "-"
-        ratio = (format(cached["seconds_per_step"] / plain["seconds_per_step"], "10.2f")
-                 if "seconds_per_step" in cached and "seconds_per_step" in plain else "-")
-        print(f"{b:>6}  {cell(plain, 'peak_bytes', mib, '9.0f')}  {cell(cached, 'peak_bytes', mib, '13.0f')}  "
-              f"{growth}  {cell(plain, 'seconds_per_step', 1, '7.2f')}  "
-              f"{cell(cached, 'seconds_per_step', 1, '11.2f')}  {ratio}")
+        ratio = (
+            format(cached["seconds_per_step"] / plain["seconds_per_step"], "10.2f")
+            if "seconds_per_step" in cached and "seconds_per_step" in plain
+            else "-"
+        )
+        print(
+            f"{b:>6}  {cell(plain, 'peak_bytes', mib, '9.0f')}  {cell(cached, 'peak_bytes', mib, '13.0f')}  "
+            f"{growth}  {cell(plain, 'seconds_per_step', 1, '7.2f')}  "
+            f"{cell(cached, 'seconds_per_step', 1, '11.2f')}  {ratio}"
+        )
         for mode, row in (("plain", plain), ("gradcache", cached)):
             if "error" in row:
                 print(f"        {mode} at {b}: {row['error']}")

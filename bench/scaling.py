@@ -34,24 +34,39 @@ def process_worker(per_process_batch: int, steps: int) -> None:
     from mmcl import dist
     from mmcl.losses import build_loss
     from mmcl.models import MultiEncoder
-    from mmcl.train.engine import build_engine
+    from mmcl.train.engine import StepShape, build_engine
     from mmcl.train.gradcache import plain_backward
     from mmcl.train.step import train_step
 
     world = int(os.environ["WORLD_SIZE"])
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_from_env()
-    cfg = config_lib.load(None, [
-        "data.train=unused.tar", f"data.batch_size={per_process_batch}", "model.embed_dim=128",
-        "model.towers.image.type=open_clip_vision", "model.towers.image.preset=mmcl-tiny",
-        "model.towers.text.type=open_clip_text", "model.towers.text.preset=mmcl-tiny",
-        "engine.backend=deepspeed", "engine.zero_stage=2", "engine.device=cpu", "optim.warmup_steps=1"])
+    dist.init_from_env(torch.device("cpu"))
+    cfg = config_lib.load(
+        None,
+        [
+            "data.train=unused.tar",
+            f"data.batch_size={per_process_batch}",
+            "model.embed_dim=128",
+            "model.towers.image.type=open_clip_vision",
+            "model.towers.image.preset=mmcl-tiny",
+            "model.towers.text.type=open_clip_text",
+            "model.towers.text.preset=mmcl-tiny",
+            "engine.backend=deepspeed",
+            "engine.zero_stage=2",
+            "engine.device=cpu",
+            "optim.warmup_steps=1",
+        ],
+    )
     torch.manual_seed(dist.rank())
     model = MultiEncoder(cfg.model)
-    engine = build_engine(model, cfg, 1, torch.device("cpu"))
+    engine = build_engine(
+        model, cfg.engine, cfg.optim, StepShape(cfg.run.steps, per_process_batch, 1), torch.device("cpu")
+    )
     loss_fn = build_loss(cfg.loss)
-    inputs = {"image": torch.randn(per_process_batch, 3, 32, 32),
-              "text": torch.randint(1, 49000, (per_process_batch, 16))}
+    inputs = {
+        "image": torch.randn(per_process_batch, 3, 32, 32),
+        "text": torch.randint(1, 49000, (per_process_batch, 16)),
+    }
     autocast = torch.autocast("cpu", enabled=False)
     for _ in range(2):  # warm-up: optimiser state, communication buffers
         train_step(engine, loss_fn, plain_backward, inputs, autocast)
@@ -66,8 +81,17 @@ def process_worker(per_process_batch: int, steps: int) -> None:
 
 
 def run_processes(world: int, per_process_batch: int, steps: int) -> dict:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               str(HERE / "scaling.py"), "--worker", str(per_process_batch), str(steps)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={world}",
+        str(HERE / "scaling.py"),
+        "--worker",
+        str(per_process_batch),
+        str(steps),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     if result.returncode != 0 or not lines:
@@ -88,7 +112,7 @@ def main() -> None:
         process_worker(*args.worker)
         return
 
-    mib = 2 ** 20
+    mib = 2**20
     print(f"batch scaling: mmcl-tiny, cpu, chunk {args.chunk}; per-sample time relative to batch {args.batches[0]}")
     print(f"{'batch':>6}  {'mode':>9}  {'s/step':>7}  {'ms/sample':>9}  {'relative':>8}  {'peak MiB':>8}")
     first = {}
@@ -100,11 +124,15 @@ def main() -> None:
                 continue
             per_sample = row["seconds_per_step"] / batch
             first.setdefault(mode, per_sample)
-            print(f"{batch:>6}  {mode:>9}  {row['seconds_per_step']:7.2f}  {1000 * per_sample:9.2f}  "
-                  f"{per_sample / first[mode]:8.2f}  {row['peak_bytes'] / mib:8.0f}")
+            print(
+                f"{batch:>6}  {mode:>9}  {row['seconds_per_step']:7.2f}  {1000 * per_sample:9.2f}  "
+                f"{per_sample / first[mode]:8.2f}  {row['peak_bytes'] / mib:8.0f}"
+            )
 
-    print(f"\nprocess scaling: DeepSpeed ZeRO-2 on gloo, {args.per_process_batch} samples per process, "
-          f"{os.cpu_count()} cores shared")
+    print(
+        f"\nprocess scaling: DeepSpeed ZeRO-2 on gloo, {args.per_process_batch} samples per process, "
+        f"{os.cpu_count()} cores shared"
+    )
     print(f"{'processes':>9}  {'s/step':>7}  {'samples/s':>9}  {'vs 1 process':>12}  {'efficiency':>10}")
     base = None
     for world in args.processes:
@@ -115,8 +143,10 @@ def main() -> None:
         if world == 1:
             base = row["samples_per_s"]
         speedup = row["samples_per_s"] / base if base else float("nan")
-        print(f"{world:>9}  {row['seconds_per_step']:7.2f}  {row['samples_per_s']:9.0f}  {speedup:12.2f}  "
-              f"{speedup / world:10.2f}")
+        print(
+            f"{world:>9}  {row['seconds_per_step']:7.2f}  {row['samples_per_s']:9.0f}  {speedup:12.2f}  "
+            f"{speedup / world:10.2f}"
+        )
 
 
 if __name__ == "__main__":
