@@ -126,7 +126,7 @@ def test_cli_rejects_bad_key_before_any_compute(tmp_path):
         [
             sys.executable,
             "-m",
-            "mmcl.cli",
+            "mmcl",
             "train",
             "configs/digits.yaml",
             "optim.warmup=3",

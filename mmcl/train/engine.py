@@ -92,8 +92,10 @@ class TorchEngine:
 
     def step(self) -> Dict[str, float]:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        # max_norm=inf measures the norm without clipping, so it is logged either way.
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        if self.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:  # measured for the log only: clipping at infinity would still rescale every gradient by 1
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         lr = self.optimizer.param_groups[0]["lr"]
         finite = bool(torch.isfinite(grad_norm))
         if finite:  # a NaN/Inf gradient would poison every weight it touches: skip the update

@@ -70,7 +70,7 @@ def test_prep_command_writes_train_and_held_out_splits(tmp_path):
         [
             sys.executable,
             "-m",
-            "mmcl.cli",
+            "mmcl",
             "prep",
             "digits",
             "--out",

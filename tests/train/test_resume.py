@@ -18,7 +18,7 @@ from conftest import REPO, tiny_overrides
 STEPS = 14
 
 
-def command(digits_root, out, name, *extra, launcher=(sys.executable, "-m", "mmcl.cli")):
+def command(digits_root, out, name, *extra, launcher=(sys.executable, "-m", "mmcl")):
     overrides = tiny_overrides(
         f"{digits_root}/train/{{000000..000005}}.tar",
         **{
@@ -125,7 +125,7 @@ def test_two_process_zero2_resume_after_sigkill(tmp_path, digits_root):
         "--nproc_per_node",
         "2",
         "-m",
-        "mmcl.cli",
+        "mmcl",
     )
     extra = ("engine.backend=deepspeed", "engine.zero_stage=2")
     subprocess.run(
