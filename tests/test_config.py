@@ -71,7 +71,7 @@ def test_wrong_type_is_named():
         ("engine.grad_cache.audio=4", "engine.grad_cache.audio"),
         ("data.optional_modalities=[audio]", "data.optional_modalities"),
         ("loss.symile_negatives=n_cubed", "loss.symile_negatives"),
-    ("loss.beta=-1", "loss.beta"),
+        ("loss.beta=-1", "loss.beta"),
         ("loss.same_modality_negatives=true", None),  # offered by infonce (the default loss)
         ("loss.name=hn_nce", None),
         ("model.towers.image.options.patch_size=4", None),  # valid: a control for the list's neighbours

@@ -95,7 +95,7 @@ class TorchEngine:
         if self.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:  # measured for the log only: clipping at infinity would still rescale every gradient by 1
-            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         lr = self.optimizer.param_groups[0]["lr"]
         finite = bool(torch.isfinite(grad_norm))
         if finite:  # a NaN/Inf gradient would poison every weight it touches: skip the update
