@@ -1,4 +1,4 @@
-"""`mmcl prep|train|eval|convert`: the only place that parses command lines; everything below receives
+"""`mmcl prep|init|train|eval|convert`: the only place that parses command lines; everything below receives
 configs. Errors a user can fix (mmcl.errors.UserError, missing or existing paths) print one line and
 exit with status 2; anything else is a defect and keeps its traceback."""
 
@@ -20,6 +20,7 @@ from data_prep.spoken_digits import prepare_spoken_digits
 from data_prep.writer import brace_pattern
 from mmcl import config as config_lib
 from mmcl import dist
+from mmcl.accelerate_env import apply_accelerate_settings
 from mmcl.checkpoint import convert
 from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.hf_clip import export_hf_clip, import_hf_clip
@@ -90,10 +91,21 @@ STOPPED = 3  # exit status of a run stopped on SIGTERM/SIGUSR1 after checkpointi
 
 
 def _train(args: argparse.Namespace) -> int:
-    cfg = config_lib.load(args.config, args.overrides)
+    path = config_lib.config_path(args.config)
+    cfg = config_lib.load(path, args.overrides)
+    # Under `accelerate launch`, its config's engine settings (where ours leave them at their defaults).
+    cfg = apply_accelerate_settings(cfg, config_lib.explicit_keys(path, args.overrides))
     result = train(cfg)
     print(f"run directory: {result.run_dir}")
     return STOPPED if result.stopped else 0
+
+
+def _init(args: argparse.Namespace) -> None:
+    out = Path(args.out or f"{args.name}.yaml")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another --out")
+    out.write_text(config_lib.starter_yaml(args.name, args.source))
+    print(f"wrote {out}; train with: mmcl train {out}")
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -193,8 +205,19 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--seed", type=int, default=0)
     prep.set_defaults(run=_prep)
 
+    starter = commands.add_parser("init", help="write a starter config for a new run from a bundled one")
+    starter.add_argument("name", help="the run's name")
+    starter.add_argument(
+        "--from",
+        dest="source",
+        default="digits",
+        help=f"a bundled config ({', '.join(config_lib.bundled_names())}) or a config file",
+    )
+    starter.add_argument("--out", default="", help="the file to write (default: NAME.yaml)")
+    starter.set_defaults(run=_init)
+
     training = commands.add_parser("train", help="train from a YAML config with key.sub=value overrides")
-    training.add_argument("config")
+    training.add_argument("config", help="a config file, or the name of a bundled config (digits, ...)")
     training.add_argument("overrides", nargs="*")
     training.set_defaults(run=_train)
 

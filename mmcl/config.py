@@ -32,6 +32,11 @@ def at_least(default: Any, minimum: float) -> Any:
     return field(default=default, metadata={"minimum": minimum})
 
 
+def each_of(default: List[str], *choices: str) -> Any:
+    """A list field whose every item must be one of `choices`."""
+    return field(default_factory=lambda: list(default), metadata={"each_of": choices})
+
+
 def fraction(default: float, below_one: bool = False) -> Any:
     """A number in [0, 1] (or [0, 1) with `below_one`)."""
     return field(default=default, metadata={"minimum": 0.0, "maximum": 1.0, "below_maximum": below_one})
@@ -49,6 +54,11 @@ class RunConfig:
     resume: str = ""  # "" (fresh run), "latest", or a checkpoint directory
     progress: bool = True
     log_samples: bool = False  # write each step's sample keys to samples_rank<R>.jsonl (audit / debugging)
+    # Where metrics go besides metrics.jsonl; wandb needs `pip install mmcl[wandb]` (WANDB_MODE=offline
+    # keeps its files local). A resumed or requeued run appends to the same W&B run.
+    log_to: List[str] = each_of(["tensorboard"], "tensorboard", "wandb")
+    wandb_project: str = "mmcl"
+    wandb_entity: str = ""  # default: the logged-in user's
 
 
 @dataclass
@@ -186,6 +196,10 @@ def check_values(node: Any, prefix: str = "") -> None:
         elif isinstance(value, dict) and all(dataclasses.is_dataclass(v) for v in value.values()):
             for name, child in value.items():
                 check_values(child, f"{key}.{name}.")
+        elif "each_of" in spec.metadata and any(item not in spec.metadata["each_of"] for item in value):
+            raise ConfigError(
+                f"config key {key!r}: {value!r} holds something other than {', '.join(spec.metadata['each_of'])}"
+            )
         elif "choices" in spec.metadata and value not in spec.metadata["choices"]:
             raise ConfigError(
                 f"config key {key!r}: {value!r} is not one of {', '.join(map(str, spec.metadata['choices']))}"
@@ -197,6 +211,22 @@ def check_values(node: Any, prefix: str = "") -> None:
         ):
             bound = "below" if spec.metadata["below_maximum"] else "at most"
             raise ConfigError(f"config key {key!r}: must be {bound} {spec.metadata['maximum']}, got {value}")
+
+
+def explicit_keys(path: Optional[str | Path], overrides: Sequence[str]) -> List[str]:
+    """The dotted keys the YAML file and the overrides set, whether or not to their default values."""
+    layers = [OmegaConf.load(path)] if path is not None else []
+    layers.append(OmegaConf.from_dotlist([item for item in overrides if "=" in item]))
+    keys: List[str] = []
+    for layer in layers:
+        keys += _leaf_keys(OmegaConf.to_container(layer), "")
+    return sorted(set(keys))
+
+
+def _leaf_keys(node: Any, prefix: str) -> List[str]:
+    if isinstance(node, dict) and node:
+        return [key for name, child in node.items() for key in _leaf_keys(child, f"{prefix}{name}.")]
+    return [prefix.rstrip(".")]
 
 
 def parse_pair(text: str, key: str = "loss.pairs") -> Tuple[str, str]:
@@ -214,6 +244,34 @@ def pair_name(a: str, b: str) -> str:
 def parse_fields(text: str) -> List[str]:
     """'jpg;png' -> ["jpg", "png"]: a modality's shard fields in order of preference."""
     return [name for name in text.split(";") if name]
+
+
+BUNDLED = Path(__file__).parent / "configs"  # the example configs shipped inside the package
+
+
+def bundled_names() -> List[str]:
+    return sorted(path.stem for path in BUNDLED.glob("*.yaml"))
+
+
+def config_path(name: str | Path) -> Path:
+    """A config file's path: the file itself, or else the bundled config of that name ("digits")."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if (BUNDLED / f"{name}.yaml").is_file():
+        return BUNDLED / f"{name}.yaml"
+    raise ConfigError(f"config {str(name)!r}: no such file, nor a bundled config ({', '.join(bundled_names())})")
+
+
+def starter_yaml(name: str, source: str | Path) -> str:
+    """A config to start a run named `name` from: the bundled (or given) config with run.name set."""
+    settings = OmegaConf.load(config_path(source))
+    OmegaConf.update(settings, "run.name", name, force_add=True)
+    return (
+        f"# A starter config for {name!r}, from {config_path(source).name}. Every key and its default is in\n"
+        "# mmcl/config.py; any can be overridden on the command line: mmcl train FILE key.sub=value\n"
+        + OmegaConf.to_yaml(settings)
+    )
 
 
 def to_yaml(config: Config) -> str:

@@ -11,8 +11,8 @@ from conftest import REPO
 PACKAGE = REPO / "mmcl"
 # Imported inside the functions that need them, each with a comment saying why: slow to import and
 # needed by one path only (DeepSpeed also reads DS_ACCELERATOR at import; matplotlib must be switched
-# to its file backend before pyplot loads).
-DEFERRED = {"deepspeed", "transformers", "matplotlib", "librosa"}
+# to its file backend before pyplot loads; wandb is an optional dependency).
+DEFERRED = {"deepspeed", "transformers", "matplotlib", "librosa", "wandb"}
 LONGEST_TRAIN_FUNCTION = 60
 
 

@@ -1,5 +1,5 @@
-"""Where a run's progress goes: the progress bar, metrics.jsonl, TensorBoard and a loss-curve plot at the
-end (process 0), and each process's sample keys when run.log_samples is set."""
+"""Where a run's progress goes: the progress bar, metrics.jsonl, the trackers (TensorBoard, W&B) and a
+loss-curve plot at the end (process 0), and each process's sample keys when run.log_samples is set."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Dict, List, Mapping, Optional, TextIO, Type
 
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from mmcl import dist
@@ -17,6 +16,7 @@ from mmcl.config import RunConfig
 from mmcl.data import Batch
 from mmcl.plotting import pyplot
 from mmcl.train.run_state import RunState
+from mmcl.train.trackers import Tracker, build_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -37,32 +37,35 @@ def truncate_log(path: Path, last_step: int) -> None:
 
 
 class MetricsLog:
-    def __init__(self, run_dir: Path, resumed_step: int) -> None:
+    """metrics.jsonl and eval_history.jsonl, and the trackers run.log_to names (process 0)."""
+
+    def __init__(self, run_dir: Path, trackers: List[Tracker], resumed_step: int) -> None:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         truncate_log(self.path, resumed_step)
         self.file = open(self.path, "a")
-        self.tensorboard = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resumed_step + 1)
+        self.trackers = trackers
 
     def write(self, record: Dict[str, float]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for name, value in record.items():
-            if name != "step" and isinstance(value, (int, float)):
-                self.tensorboard.add_scalar(name, value, record["step"])
+        scalars = {name: value for name, value in record.items() if name != "step" and isinstance(value, (int, float))}
+        for tracker in self.trackers:
+            tracker.scalars(scalars, int(record["step"]))
 
-    def write_eval(self, step: int, results: Dict[str, Dict[str, Any]]) -> None:
-        """Mid-training evaluation: eval_history.jsonl, and TensorBoard scalars eval/<dataset>/<metric>."""
-        with open(self.run_dir / "eval_history.jsonl", "a") as history:
-            history.write(json.dumps({"step": step, "results": results}) + "\n")
-        for dataset, metrics in results.items():
-            for name, value in metrics.items():
-                if isinstance(value, float):
-                    self.tensorboard.add_scalar(f"eval/{dataset}/{name}", value, step)
+    def write_eval(self, step: int, results: Dict[str, Dict[str, Any]], during_training: bool) -> None:
+        """An evaluation's results to every tracker (eval/<dataset>/<metric>); those made during training
+        also to eval_history.jsonl."""
+        if during_training:
+            with open(self.run_dir / "eval_history.jsonl", "a") as history:
+                history.write(json.dumps({"step": step, "results": results}) + "\n")
+        for tracker in self.trackers:
+            tracker.evaluation(results, step)
 
     def close(self) -> None:
         self.file.close()
-        self.tensorboard.close()
+        for tracker in self.trackers:
+            tracker.close()
         plot_curves(self.path, self.run_dir / "loss.png")
 
 
@@ -70,13 +73,16 @@ class TrainingLog:
     """A context manager over one training session: `record` after every step, `record_eval` after a
     mid-training evaluation; everything is flushed and closed (and the plot drawn) on exit."""
 
-    def __init__(self, run_dir: Path, cfg: RunConfig, start: RunState, main: bool) -> None:
+    def __init__(self, run_dir: Path, cfg: RunConfig, start: RunState, main: bool, config: Mapping[str, Any]) -> None:
         # The rate counts this session's samples only.
         self.cfg, self.started_at, self.seen_at_start = cfg, time.perf_counter(), start.samples_seen
         self.progress = tqdm(
             total=cfg.steps, initial=start.step, desc="train", dynamic_ncols=True, disable=not (cfg.progress and main)
         )
-        self.metrics = MetricsLog(run_dir, start.step) if main else None
+        self.metrics = None
+        if main:
+            trackers = build_trackers(run_dir, cfg, start.step, config, start.run_id)
+            self.metrics = MetricsLog(run_dir, trackers, start.step)
         samples_path = Path(run_dir) / f"samples_rank{dist.rank()}.jsonl"
         self.samples: Optional[TextIO] = None
         if cfg.log_samples:
@@ -108,9 +114,12 @@ class TrainingLog:
                 skipped=state.samples_skipped,
             )
 
-    def record_eval(self, step: int, results: Optional[Dict[str, Dict[str, Any]]]) -> None:
+    def steps_done(self) -> None:
+        self.progress.close()
+
+    def record_eval(self, step: int, results: Optional[Dict[str, Dict[str, Any]]], during_training: bool) -> None:
         if self.metrics and results:
-            self.metrics.write_eval(step, results)
+            self.metrics.write_eval(step, results, during_training)
 
     def __enter__(self) -> "TrainingLog":
         return self

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import secrets
+from dataclasses import asdict, dataclass, field
 from typing import Any, Dict
 
 from mmcl import dist
@@ -20,6 +21,7 @@ class RunState:
     samples_skipped: int = 0  # unreadable samples this process's stream dropped
     nonfinite_steps: int = 0  # steps with a NaN/Inf loss or gradient (their updates were skipped)
     nonfinite_in_a_row: int = 0
+    run_id: str = field(default_factory=lambda: secrets.token_hex(4))  # the trackers' (W&B) id of this run
 
     def advance(self, batch: Batch, metrics: Dict[str, float]) -> None:
         bad = metrics.get("nonfinite", 0.0) > 0 or not math.isfinite(metrics["loss"])

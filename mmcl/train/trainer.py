@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+import yaml
 
 from mmcl import config as config_lib
 from mmcl import dist
@@ -153,7 +154,8 @@ class Trainer:
         """Train as configured, until run.steps or a stop signal."""
         stop, stopping = StopRequest(), False
         self.engine.model.train()
-        with TrainingLog(self.run_dir, self.cfg.run, self.state, main=dist.rank() == 0) as logs:
+        config = yaml.safe_load(self.config_yaml)
+        with TrainingLog(self.run_dir, self.cfg.run, self.state, dist.rank() == 0, config) as logs:
             for batch in self.stream if self.state.step < self.cfg.run.steps else ():
                 metrics = self.train_step(batch)
                 logs.record(self.state, batch, metrics, self.stream.epoch)
@@ -162,10 +164,11 @@ class Trainer:
                 if self.state.step >= self.cfg.run.steps or stopping:
                     break
                 self.evaluate_during_training(logs)
-        if stopping:
-            log.warning("stopped at step %d on request; resume with run.resume=latest", self.state.step)
-        elif self.cfg.eval.datasets:
-            self.evaluate(self.run_dir / "eval.json")
+            if stopping:
+                log.warning("stopped at step %d on request; resume with run.resume=latest", self.state.step)
+            elif self.cfg.eval.datasets:
+                logs.steps_done()
+                logs.record_eval(self.state.step, self.evaluate(self.run_dir / "eval.json"), during_training=False)
         dist.barrier()
         return RunResult(self.run_dir, self.state.step, stopping)
 
@@ -192,7 +195,7 @@ class Trainer:
         every = self.cfg.eval.every_steps
         if self.cfg.eval.datasets and every and self.state.step % every == 0:
             results = self.evaluate(self.run_dir / "eval_steps" / f"step_{self.state.step:08d}.json", quiet=True)
-            logs.record_eval(self.state.step, results)
+            logs.record_eval(self.state.step, results, during_training=True)
 
     def evaluate(self, out_path: Path, quiet: bool = False) -> Optional[Dict[str, Dict[str, Any]]]:
         """Evaluate the engine's current weights on eval.datasets (process 0; collective call)."""
