@@ -3,6 +3,7 @@ with a dependent evaluation job, and a job that gets the warning signal, checkpo
 and resumes from its checkpoint."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -75,6 +76,26 @@ def test_two_node_training_then_dependent_evaluation_and_export(cluster, digits_
     info = cluster.wait_for_state(export_job, {"COMPLETED", "FAILED", "CANCELLED"}, 300)
     assert info["JobState"] == "COMPLETED", (tmp_path / "logs" / f"mmcl-convert-{export_job}.out").read_text()
     assert (tmp_path / "exports" / "twonode" / "twonode.safetensors").exists()
+
+    # srun's two tasks train as torchrun's two processes do: the same losses.
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmcl"]
+    subprocess.run(
+        [
+            *torchrun,
+            "train",
+            str(REPO / "configs/digits.yaml"),
+            *overrides(digits_root, "twonode", 6),
+            f"run.output_dir={tmp_path / 'torchrun'}",
+            "engine.backend=deepspeed",
+            "engine.device=cpu",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    losses = [r["loss"] for r in read_records(run_dir / "metrics.jsonl")]
+    reference = [r["loss"] for r in read_records(tmp_path / "torchrun" / "twonode" / "metrics.jsonl")]
+    assert losses == pytest.approx(reference, abs=1e-5)
 
 
 def test_warning_signal_checkpoints_requeues_and_resumes(cluster, digits_root, tmp_path):
