@@ -1,3 +1,4 @@
+import re
 import subprocess
 import sys
 
@@ -8,6 +9,8 @@ from mmcl.errors import ConfigError
 from mmcl.train.trainer import check_config
 
 from conftest import REPO, tiny_overrides
+
+SHARD = REPO / "tests" / "data" / "empty.tar"  # an existing (empty) shard: these tests are about the config
 
 
 def load_and_check(overrides):
@@ -79,10 +82,10 @@ def test_wrong_type_is_named():
 )
 def test_semantic_errors_are_named(override, key):
     if key is None:
-        load_and_check(tiny_overrides("x.tar") + [override])
+        load_and_check(tiny_overrides(str(SHARD)) + [override])
         return
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_and_check(tiny_overrides("x.tar") + [override])
+        load_and_check(tiny_overrides(str(SHARD)) + [override])
 
 
 AUDIO = ["model.towers.audio.type=audio_spectrogram", "model.towers.audio.preset=mmcl-tiny"]
@@ -104,8 +107,8 @@ AUDIO = ["model.towers.audio.type=audio_spectrogram", "model.towers.audio.preset
 )
 def test_audio_and_missing_modality_errors_are_named(overrides, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        load_and_check(tiny_overrides("x.tar") + AUDIO + overrides)
-    load_and_check(tiny_overrides("x.tar") + AUDIO + ["data.optional_modalities=[image,audio]"])
+        load_and_check(tiny_overrides(str(SHARD)) + AUDIO + overrides)
+    load_and_check(tiny_overrides(str(SHARD)) + AUDIO + ["data.optional_modalities=[image,audio]"])
 
 
 def test_missing_required_value():
@@ -151,3 +154,24 @@ def test_bundled_configs_are_found_by_name_and_start_new_runs(tmp_path):
     starter.write_text(config_lib.starter_yaml("mine", "spoken_digits"))
     cfg = config_lib.load(starter)
     assert cfg.run.name == "mine" and cfg.model.towers["audio"].type == "audio_spectrogram"
+
+
+@pytest.mark.parametrize(
+    "train, named",
+    [
+        ("/nowhere/{000000..000003}.tar", "4 of the 4 shards it names do not exist, first /nowhere/000000.tar"),
+        (f"{SHARD}::/nowhere/extra.tar", "1 of the 2 shards it names do not exist, first /nowhere/extra.tar"),
+    ],
+)
+def test_missing_training_shards_stop_the_run_before_any_compute(tmp_path, train, named):
+    with pytest.raises(ConfigError, match=r"config key 'data\.train': " + re.escape(named)):
+        load_and_check(tiny_overrides(train))
+    result = subprocess.run(
+        [sys.executable, "-m", "mmcl", "train", "digits", f"data.train={train}", f"run.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
+    assert not any(tmp_path.iterdir())  # no run directory was created

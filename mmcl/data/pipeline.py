@@ -20,7 +20,7 @@ import webdataset as wds
 from mmcl.config import DataConfig
 from mmcl.data.batch import Batch
 from mmcl.data.decode import SampleError, check_fields, decode_field
-from mmcl.data.shards import expand_urls, shard_order
+from mmcl.data.shards import check_local_shards, expand_urls, shard_order
 from mmcl.errors import ConfigError, DataError
 
 log = logging.getLogger("mmcl.data")
@@ -41,7 +41,9 @@ class InputSpec:
 
 
 def check_data_config(cfg: DataConfig, modalities: Sequence[str], key: str = "data") -> None:
-    """A ConfigError naming the key for data settings the towers cannot be fed from."""
+    """A ConfigError naming the key for data settings the towers cannot be fed from, or for local
+    training shards that do not exist."""
+    check_local_shards(cfg.train, f"{key}.train")
     for modality in modalities:
         if modality not in cfg.fields:
             raise ConfigError(f"config key '{key}.fields': no shard field given for tower modality {modality!r}")

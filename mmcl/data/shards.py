@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 import webdataset as wds
 
-from mmcl.errors import DataError
+from mmcl.errors import ConfigError, DataError
 
 
 def expand_urls(urls: str) -> List[str]:
@@ -18,6 +18,20 @@ def expand_urls(urls: str) -> List[str]:
     if not expanded:
         raise DataError(f"no shards in {urls!r}")
     return expanded
+
+
+def check_local_shards(urls: str, key: str) -> None:
+    """A ConfigError naming `key` when a local shard the URLs name is not a file (URLs with a scheme or
+    a `pipe:` command are left to the stream, which skips and counts what it cannot read)."""
+    try:
+        expanded = expand_urls(urls)
+    except (DataError, ValueError) as error:
+        raise ConfigError(f"config key {key!r}: {urls!r} names no shards ({error})") from None
+    local = [url for url in expanded if "://" not in url and not url.startswith("pipe:")]
+    missing = [url for url in local if not Path(url).is_file()]
+    if missing:
+        raise ConfigError(f"config key {key!r}: {len(missing)} of the {len(expanded)} shards it names do not "
+                          f"exist, first {missing[0]}")
 
 
 def shard_order(urls: List[str], seed: int, epoch: int) -> List[str]:
