@@ -54,12 +54,9 @@ def digit_pngs() -> list:
     return out
 
 
-@pytest.fixture(scope="session")
-def digits_run(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Path:
-    """The tiny image-text model trained on the digits through the CLI (300 steps, then evaluated), as
-    the end-to-end and agreement tests read it; a test that changes the run works on a copy."""
-    out = tmp_path_factory.mktemp("runs")
-    overrides = tiny_overrides(
+def digits_run_overrides(digits_root: Path, out: Path) -> list:
+    """The settings digits_run trains with (in run directory out/tiny)."""
+    return tiny_overrides(
         f"{digits_root}/train/{{000000..000005}}.tar",
         **{
             "run.output_dir": out,
@@ -72,6 +69,14 @@ def digits_run(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> P
             "eval.datasets": f"[{digits_root}]",
         },
     )
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Path:
+    """The tiny image-text model trained on the digits through the CLI (300 steps, then evaluated), as
+    the end-to-end and agreement tests read it; a test that changes the run works on a copy."""
+    out = tmp_path_factory.mktemp("runs")
+    overrides = digits_run_overrides(digits_root, out)
     assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 0
     return out / "tiny"
 

@@ -2,9 +2,13 @@
 
 import os
 import socket
+import sys
 
 import torch
 import torch.multiprocessing as mp
+
+# torchrun starting two local processes (the command line's prefix)
+TORCHRUN_2 = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ from mmcl.errors import ConfigError
 from mmcl.train.metrics_log import read_records
 
 from conftest import REPO, tiny_overrides
-from launch import free_port
+from launch import TORCHRUN_2, free_port
 
 DEEPSPEED_ZERO2 = """compute_environment: LOCAL_MACHINE
 distributed_type: DEEPSPEED
@@ -56,12 +56,7 @@ def test_accelerate_and_deepspeed_launchers_train_as_torchrun_does(tmp_path, dig
     (tmp_path / "accelerate.yaml").write_text(DEEPSPEED_ZERO2)
     launchers = {
         "torchrun": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN_2,
             *training(digits_root, tmp_path, "torchrun", *zero2),
         ],
         # the engine settings come from accelerate's config file

@@ -11,7 +11,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.cli import main
 from mmcl.train.metrics_log import read_records
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, digits_run_overrides
 
 
 def test_train_resume_and_evaluate(tmp_path, digits_root, digits_run):
@@ -38,19 +38,7 @@ def test_train_resume_and_evaluate(tmp_path, digits_root, digits_run):
     # On a copy: a fresh run must not overwrite a run that has checkpoints; a resumed one continues it.
     run_dir = tmp_path / "tiny"
     shutil.copytree(digits_run, run_dir)
-    overrides = tiny_overrides(
-        f"{digits_root}/train/{{000000..000005}}.tar",
-        **{
-            "run.output_dir": tmp_path,
-            "run.name": "tiny",
-            "run.steps": 300,
-            "run.checkpoint_every": 200,
-            "run.keep_last": 1,
-            "optim.lr": 1e-3,
-            "optim.warmup_steps": 10,
-            "eval.datasets": f"[{digits_root}]",
-        },
-    )
+    overrides = digits_run_overrides(digits_root, tmp_path)
     assert main(["train", str(REPO / "configs/digits.yaml"), *overrides]) == 2
 
     # Resume: the run continues from step 300 to 310 and appends to the same metrics.

@@ -13,6 +13,7 @@ from mmcl.train.metrics_log import read_records
 
 from cluster import Cluster, ensure_installed
 from conftest import REPO, tiny_overrides
+from launch import TORCHRUN_2
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_two_node_training_then_dependent_evaluation_and_export(cluster, digits_
     assert (tmp_path / "exports" / "twonode" / "twonode.safetensors").exists()
 
     # srun's two tasks train as torchrun's two processes do: the same losses.
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "mmcl"]
+    torchrun = [*TORCHRUN_2, "-m", "mmcl"]
     subprocess.run(
         [
             *torchrun,

@@ -14,6 +14,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.train.metrics_log import read_records
 
 from conftest import REPO, tiny_overrides
+from launch import TORCHRUN_2
 
 STEPS = 14
 
@@ -117,16 +118,7 @@ def test_sigterm_checkpoints_mid_run_and_stops(tmp_path, digits_root, uninterrup
 
 
 def test_two_process_zero2_resume_after_sigkill(tmp_path, digits_root):
-    torchrun = (
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "mmcl",
-    )
+    torchrun = (*TORCHRUN_2, "-m", "mmcl")
     extra = ("engine.backend=deepspeed", "engine.zero_stage=2")
     subprocess.run(
         command(digits_root, tmp_path, "whole", *extra, launcher=torchrun), check=True, capture_output=True, timeout=600
