@@ -39,6 +39,8 @@ def _kind(path: Path) -> Optional[str]:
 
 
 def folder_pairs(root: Path) -> Iterator[Pair]:
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder")
     by_stem: Dict[Path, Media] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file() and _kind(p)):
         by_stem.setdefault(path.with_suffix(""), {}).setdefault(_kind(path), path)  # type: ignore[arg-type]
@@ -56,11 +58,18 @@ def manifest_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
             yield from csv.DictReader(handle)
     elif suffix in (".jsonl", ".json"):
         with open(manifest, encoding="utf-8") as handle:
-            for line in handle:
+            for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield json.loads(line)
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as error:
+                        raise DataError(f"{manifest.name}:{number}: not a JSON object ({error.msg})") from None
     elif suffix == ".parquet":
-        yield from pq.read_table(manifest).to_pylist()
+        try:
+            table = pq.read_table(manifest)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+            raise DataError(f"{manifest}: not a readable parquet file ({error})") from None
+        yield from table.to_pylist()
     else:
         raise DataError(f"unsupported manifest {manifest}: use .csv, .jsonl or .parquet")
 

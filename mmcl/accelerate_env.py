@@ -5,7 +5,8 @@ ACCELERATE_* variables: the precision, the DeepSpeed plugin's ZeRO stage, gradie
 accumulation, whether to stay on the CPU. mmcl reads those (it needs nothing else of accelerate: its
 multi-process launchers are torchrun underneath, whose variables mmcl reads as always). A setting the
 config file or the command line leaves at its default takes accelerate's value; one they set to
-something else stops the run, naming both settings. What mmcl does not offer (FSDP, Megatron-LM,
+something else stops the run, naming both settings. (`mixed_precision: no` is accelerate's default, so
+it asks for nothing: an mmcl config in bf16 stays in bf16.) What mmcl does not offer (FSDP, Megatron-LM,
 torch.compile through accelerate, a DeepSpeed JSON of one's own, fp16 yet) stops it too.
 """
 
@@ -18,7 +19,6 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 from mmcl.config import Config, check_values
 from mmcl.errors import ConfigError
 
-PRECISIONS = {"no": "fp32", "bf16": "bf16"}
 UNSUPPORTED = {
     "ACCELERATE_USE_FSDP": "FSDP (mmcl shards with DeepSpeed ZeRO: use its DeepSpeed plugin)",
     "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM",
@@ -28,7 +28,9 @@ UNSUPPORTED = {
 
 
 def launched_by_accelerate(environ: Mapping[str, str]) -> bool:
-    return any(name.startswith("ACCELERATE_") for name in environ)
+    """`accelerate launch` exports its precision to every process it starts, `no` included; other
+    ACCELERATE_* variables a shell may hold (a log level, say) are no sign of it."""
+    return "ACCELERATE_MIXED_PRECISION" in environ
 
 
 def accelerate_settings(environ: Mapping[str, str]) -> Dict[str, Any]:
@@ -42,19 +44,21 @@ def accelerate_settings(environ: Mapping[str, str]) -> Dict[str, Any]:
     if environ.get("ACCELERATE_DYNAMO_BACKEND", "NO").upper() != "NO":
         raise ConfigError("accelerate config: dynamo_backend (torch.compile) is not offered by mmcl; set it to no")
     settings: Dict[str, Any] = {}
-    precision = environ.get("ACCELERATE_MIXED_PRECISION")
-    if precision is not None:
-        if precision not in PRECISIONS:
-            raise ConfigError(f"accelerate config: mixed_precision={precision} is not offered by mmcl (no, bf16)")
-        settings["engine.precision"] = PRECISIONS[precision]
+    precision = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision not in ("no", "bf16"):
+        raise ConfigError(f"accelerate config: mixed_precision={precision} is not offered by mmcl (no, bf16)")
+    if precision == "bf16":  # "no" is also accelerate's default, so it asks for nothing in particular
+        settings["engine.precision"] = "bf16"
     if environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
         settings["engine.device"] = "cpu"
     if environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         settings["engine.backend"] = "deepspeed"
         if "ACCELERATE_DEEPSPEED_ZERO_STAGE" in environ:
             settings["engine.zero_stage"] = int(environ["ACCELERATE_DEEPSPEED_ZERO_STAGE"])
-    elif int(environ.get("WORLD_SIZE", "1")) > 1:  # accelerate's plain data parallelism: DeepSpeed without ZeRO
-        settings.update({"engine.backend": "deepspeed", "engine.zero_stage": 0})
+    elif int(environ.get("WORLD_SIZE", "1")) > 1:
+        # accelerate's plain data parallelism: mmcl's engine for several processes (ZeRO as configured,
+        # stage 0 by default, which is plain data parallelism)
+        settings["engine.backend"] = "deepspeed"
     clipping = environ.get("ACCELERATE_GRADIENT_CLIPPING", "")
     if clipping and clipping.lower() != "none":
         settings["optim.grad_clip"] = float(clipping)
@@ -80,9 +84,10 @@ def apply_accelerate_settings(
         section, name = key.split(".")
         current = getattr(getattr(cfg, section), name)
         if key in explicit and current != wanted:
+            why = " (engine.backend=torch runs one process)" if key == "engine.backend" else ""
             raise ConfigError(
                 f"config key {key!r}: {current!r} conflicts with the accelerate config, which asks "
-                f"for {wanted!r}; change one of the two"
+                f"for {wanted!r}{why}; change one of the two"
             )
         cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{name: wanted})})
     check_values(cfg)

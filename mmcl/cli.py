@@ -24,7 +24,7 @@ from mmcl.accelerate_env import apply_accelerate_settings
 from mmcl.checkpoint import convert
 from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.hf_clip import export_hf_clip, import_hf_clip
-from mmcl.errors import ConfigError, UserError
+from mmcl.errors import ConfigError, DataError, UserError
 from mmcl.eval.suite import evaluate_all
 from mmcl.models import load_model
 from mmcl.train.trainer import train
@@ -83,8 +83,11 @@ def _prep(args: argparse.Namespace) -> None:
         f"wrote {stats['samples']} samples in {stats['shards']} shards; rejected {stats['rejected']} "
         f"(see {Path(args.out) / '_stats.json'})"
     )
-    if stats["shards"]:
-        print(f"train shards: {brace_pattern(args.out, int(stats['shards']))}")
+    if not stats["shards"]:
+        raise DataError(
+            f"{args.input}: no sample to write ({stats['rejected']} rejected; see {Path(args.out) / '_stats.json'})"
+        )
+    print(f"train shards: {brace_pattern(args.out, int(stats['shards']))}")
 
 
 STOPPED = 3  # exit status of a run stopped on SIGTERM/SIGUSR1 after checkpointing (schedulers requeue it)
@@ -114,12 +117,12 @@ def _eval(args: argparse.Namespace) -> None:
         name, out = args.open_clip, Path(args.out or f"eval-{args.open_clip}.json")
     else:
         path = _checkpoint_dir(Path(args.checkpoint))
-        cfg = config_lib.from_yaml((path / "config.yaml").read_text())
+        cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
         model, name, out = None, cfg.run.name, Path(args.out) if args.out else path / "eval.json"
     datasets = args.datasets or cfg.eval.datasets
     if not datasets:
         raise ConfigError("no datasets to evaluate: pass --datasets or set eval.datasets in the run's config")
-    device = dist.resolve_device(cfg.engine.device)
+    device = dist.resolve_device(args.device)  # not the run's: a GPU run may be evaluated on a laptop
     model = (
         model.to(device).eval() if model is not None else load_model(cfg.model, checkpoints.load_weights(path), device)
     )
@@ -158,7 +161,7 @@ def _convert(args: argparse.Namespace) -> None:
         return
     path = _checkpoint_dir(Path(args.checkpoint))
     if args.target == "hf":
-        cfg = config_lib.from_yaml((path / "config.yaml").read_text())
+        cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
         out = export_hf_clip(checkpoints.load_weights(path), cfg, Path(args.out))
         print(
             f"Hugging Face CLIPModel in {out}; load with:\n"
@@ -169,7 +172,7 @@ def _convert(args: argparse.Namespace) -> None:
         out = convert.consolidate_zero(path, Path(args.out))
         print(f"consolidated fp32 weights: {out}")
         return
-    cfg = config_lib.from_yaml((path / "config.yaml").read_text())
+    cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
     name = args.name or cfg.run.name
     config_path, weights = convert.export_open_clip(checkpoints.load_weights(path), cfg, Path(args.out), name)
     print(
@@ -240,6 +243,12 @@ def parser() -> argparse.ArgumentParser:
         help="evaluate an open_clip model: its architecture name (e.g. ViT-B-32)",
     )
     evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluation.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "cuda"],
+        help="where to evaluate (auto: a GPU when one is visible)",
+    )
     evaluation.set_defaults(run=_eval)
     conversion = commands.add_parser(
         "convert",

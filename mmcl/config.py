@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+import yaml
 from omegaconf import MISSING, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -180,6 +181,8 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
         config: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
     except OmegaConfBaseException as error:
         key = getattr(error, "full_key", None)
         raise ConfigError(f"config key {key!r}: {error.msg if hasattr(error, 'msg') else error}") from None
@@ -204,6 +207,8 @@ def check_values(node: Any, prefix: str = "") -> None:
             raise ConfigError(
                 f"config key {key!r}: {value!r} is not one of {', '.join(map(str, spec.metadata['choices']))}"
             )
+        elif isinstance(value, float) and math.isnan(value) and {"minimum", "maximum"} & set(spec.metadata):
+            raise ConfigError(f"config key {key!r}: must be a number, got nan")
         elif "minimum" in spec.metadata and value < spec.metadata["minimum"]:
             raise ConfigError(f"config key {key!r}: must be at least {spec.metadata['minimum']}, got {value}")
         elif "maximum" in spec.metadata and (
@@ -278,7 +283,10 @@ def to_yaml(config: Config) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(config))
 
 
-def from_yaml(text: str) -> Config:
+def from_yaml(text: str, source: str = "config") -> Config:
     """A config previously written by `to_yaml` (for example, the one stored in a checkpoint)."""
-    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except (OmegaConfBaseException, yaml.YAMLError) as error:
+        raise ConfigError(f"{source}: not a config this version of mmcl reads ({error})") from None

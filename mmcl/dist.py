@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -71,6 +72,11 @@ def ring_shift_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return _RingShift.apply(tensor) if is_distributed() else tensor
 
 
+# Process 0 evaluates and writes checkpoint files while the others wait at a barrier: NCCL's default
+# (10 minutes) would abort a run whose evaluation takes longer.
+COLLECTIVE_TIMEOUT = timedelta(hours=2)
+
+
 def resolve_device(name: str) -> torch.device:
     """engine.device -> this process's device: "cuda" is the GPU the launcher's LOCAL_RANK names."""
     if name == "auto":
@@ -113,9 +119,9 @@ def init_from_env(device: torch.device, lone_group: bool = False) -> None:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         # Binding the group to this GPU lets NCCL set up its communicator for it, barriers included.
-        dist.init_process_group(backend_for(device), device_id=device)
+        dist.init_process_group(backend_for(device), device_id=device, timeout=COLLECTIVE_TIMEOUT)
     else:
-        dist.init_process_group(backend_for(device))
+        dist.init_process_group(backend_for(device), timeout=COLLECTIVE_TIMEOUT)
 
 
 def collective_device() -> torch.device:

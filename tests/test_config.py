@@ -75,6 +75,9 @@ def test_wrong_type_is_named():
         ("data.optional_modalities=[audio]", "data.optional_modalities"),
         ("loss.symile_negatives=n_cubed", "loss.symile_negatives"),
         ("loss.beta=-1", "loss.beta"),
+        ("loss.tau_plus=nan", "loss.tau_plus"),
+        ("data.fields.image=;", "data.fields.image"),
+        ("data.fields.image=txt", "data.fields.image"),  # a text field cannot hold an image
         ("loss.same_modality_negatives=true", None),  # offered by infonce (the default loss)
         ("loss.name=hn_nce", None),
         ("model.towers.image.options.patch_size=4", None),  # valid: a control for the list's neighbours
@@ -175,3 +178,10 @@ def test_missing_training_shards_stop_the_run_before_any_compute(tmp_path, train
     )
     assert result.returncode == 2 and named in result.stderr and "Traceback" not in result.stderr
     assert not any(tmp_path.iterdir())  # no run directory was created
+
+
+def test_a_config_built_in_python_is_checked_too():
+    cfg = config_lib.load(None, tiny_overrides(str(SHARD)))
+    cfg.engine.precision = "fp16"  # never through load()
+    with pytest.raises(ConfigError, match=r"engine\.precision"):
+        check_config(cfg)

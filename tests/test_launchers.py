@@ -112,7 +112,16 @@ def test_accelerate_settings_fill_what_the_config_leaves_at_its_defaults():
     assert mapped.optim.grad_clip == 1.0
     ddp = apply_accelerate_settings(cfg, [], {"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2"})
     assert (ddp.engine.backend, ddp.engine.zero_stage, ddp.engine.precision) == ("deepspeed", 0, "fp32")
+    # Plain multi-GPU accelerate keeps a configured ZeRO stage, and its default "no" precision keeps bf16.
+    zero3_bf16 = [*tiny_overrides("x.tar"), "engine.backend=deepspeed", "engine.zero_stage=3", "engine.precision=bf16"]
+    mapped = apply_accelerate_settings(
+        config_lib.load(None, zero3_bf16),
+        config_lib.explicit_keys(None, zero3_bf16),
+        {"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2"},
+    )
+    assert (mapped.engine.backend, mapped.engine.zero_stage, mapped.engine.precision) == ("deepspeed", 3, "bf16")
     assert apply_accelerate_settings(cfg, [], {}) is cfg  # not launched by accelerate
+    assert apply_accelerate_settings(cfg, [], {"ACCELERATE_LOG_LEVEL": "info", "WORLD_SIZE": "2"}) is cfg
 
 
 @pytest.mark.parametrize(
@@ -125,6 +134,7 @@ def test_accelerate_settings_fill_what_the_config_leaves_at_its_defaults():
         ("run.steps=3", {**ENV, "ACCELERATE_USE_FSDP": "true"}, "FSDP"),
         ("run.steps=3", {**ENV, "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "cpu"}, "offload_optimizer_device"),
         ("run.steps=3", {**ENV, "ACCELERATE_DYNAMO_BACKEND": "INDUCTOR"}, "dynamo_backend"),
+        ("engine.backend=torch", {"ACCELERATE_MIXED_PRECISION": "no", "WORLD_SIZE": "2"}, "torch runs one process"),
     ],
 )
 def test_what_conflicts_with_the_accelerate_config_stops_naming_both(override, environ, message):

@@ -9,8 +9,10 @@ import subprocess
 import sys
 import time
 
+from mmcl import config as config_lib
 from mmcl.checkpoint import state as checkpoints
 from mmcl.train.metrics_log import read_records
+from mmcl.train.trainer import Trainer
 
 from conftest import REPO, tiny_overrides
 
@@ -64,3 +66,20 @@ def test_a_resumed_run_appends_to_the_same_wandb_run(tmp_path, digits_root):
     table = json.loads(tables[0].read_text())
     results = json.loads((run_dir / "eval.json").read_text())["digits"]
     assert ["digits", "acc1", results["acc1"]] in table["data"]  # the final evaluation, as a table
+
+
+def test_a_run_started_from_another_runs_checkpoint_gets_its_own_tracker_run(tmp_path, digits_root):
+    def trainer(name, *resume):
+        overrides = tiny_overrides(
+            f"{digits_root}/train/{{000000..000005}}.tar",
+            **{"run.output_dir": tmp_path, "run.name": name, "run.steps": 2, "run.log_to": "[]"},
+        )
+        return Trainer(config_lib.load(None, [*overrides, *resume]))
+
+    first = trainer("first")
+    first.train()
+    checkpoint = checkpoints.latest(tmp_path / "first")
+    run_id = checkpoints.read_meta(checkpoint)["run_id"]
+    assert trainer("first", "run.resume=latest").state.run_id == run_id  # the same run, resumed: the same W&B run
+    other = trainer("second", f"run.resume={checkpoint}")
+    assert other.state.step == 2 and other.state.run_id != run_id  # another run: a W&B run of its own

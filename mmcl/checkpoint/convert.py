@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from mmcl import config as config_lib
 from mmcl.checkpoint.state import DEEPSPEED_TAG
 from mmcl.config import Config
-from mmcl.errors import ConfigError
+from mmcl.errors import CheckpointError, ConfigError
 from mmcl.models import MultiEncoder
 from mmcl.models.towers import OpenClipTextTower, OpenClipVisionTower
 
@@ -49,7 +49,7 @@ def _rename(key: str, table: List[Tuple[str, str]]) -> str:
     for source, target in table:
         if key.startswith(source):
             return target + key[len(source) :]
-    raise KeyError(f"no mapping for parameter {key!r}")
+    raise CheckpointError(f"no mapping for parameter {key!r}: not an mmcl image-text or open_clip CLIP checkpoint")
 
 
 def to_open_clip_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -145,5 +145,13 @@ def open_clip_as_mmcl(architecture: str, checkpoint_file: str | Path) -> Tuple[M
     )
     check_open_clip_compatible(cfg)
     model = MultiEncoder(cfg.model)
-    model.load_state_dict(from_open_clip_state(state))
+    weights = from_open_clip_state(state)
+    own = model.state_dict()
+    differ = sorted(set(own) ^ set(weights)) + [k for k in own if k in weights and own[k].shape != weights[k].shape]
+    if differ:
+        raise CheckpointError(
+            f"{checkpoint_file} does not hold a {architecture} model: {len(differ)} parameters "
+            f"are missing, extra or of another shape, e.g. {differ[:3]}"
+        )
+    model.load_state_dict(weights)
     return model, cfg

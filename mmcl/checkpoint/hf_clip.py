@@ -230,6 +230,8 @@ def import_hf_clip(directory: Path) -> Tuple[Dict[str, torch.Tensor], Config]:
     """mmcl weights and config from a CLIPModel directory (config.json + safetensors)."""
     from transformers import CLIPModel  # imported here: see export_hf_clip
 
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: not a CLIPModel directory (no config.json)")
     model = CLIPModel.from_pretrained(directory)
     text: Any = model.config.text_config
     vision: Any = model.config.vision_config

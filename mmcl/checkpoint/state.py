@@ -141,6 +141,11 @@ def latest(run_dir: Path) -> Optional[Path]:
     return path if (path / META_FILE).exists() else None
 
 
+def run_dir_of(checkpoint: Path) -> Path:
+    """The run directory a checkpoint directory belongs to (<run>/checkpoints/step_N)."""
+    return Path(checkpoint).parent.parent
+
+
 def resolve(run_dir: Path, resume: str) -> Optional[Path]:
     """`resume` from the config: "" -> None, "latest" -> newest complete checkpoint (or None), else a path."""
     if not resume:

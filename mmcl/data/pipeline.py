@@ -12,12 +12,12 @@ import logging
 import random
 from dataclasses import dataclass
 from itertools import count
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 import webdataset as wds
 
-from mmcl.config import DataConfig
+from mmcl.config import DataConfig, parse_fields
 from mmcl.data.batch import Batch
 from mmcl.data.decode import SampleError, check_fields, decode_field
 from mmcl.data.shards import check_local_shards, expand_urls, shard_order
@@ -40,13 +40,21 @@ class InputSpec:
         check_fields(self.kind, self.fields)
 
 
-def check_data_config(cfg: DataConfig, modalities: Sequence[str], key: str = "data") -> None:
+def check_data_config(cfg: DataConfig, kinds: Mapping[str, str], key: str = "data") -> None:
     """A ConfigError naming the key for data settings the towers cannot be fed from, or for local
-    training shards that do not exist."""
+    training shards that do not exist. `kinds`: each tower's modality -> what it reads (image, ...)."""
     check_local_shards(cfg.train, f"{key}.train")
-    for modality in modalities:
+    modalities = list(kinds)
+    for modality, kind in kinds.items():
         if modality not in cfg.fields:
             raise ConfigError(f"config key '{key}.fields': no shard field given for tower modality {modality!r}")
+        fields = parse_fields(cfg.fields[modality])
+        if not fields:
+            raise ConfigError(f"config key '{key}.fields.{modality}': names no shard field")
+        try:
+            check_fields(kind, fields)
+        except DataError as error:
+            raise ConfigError(f"config key '{key}.fields.{modality}': {error}") from None
     for modality in cfg.optional_modalities:
         if modality not in modalities:
             raise ConfigError(f"config key '{key}.optional_modalities': {modality!r} is not a tower "

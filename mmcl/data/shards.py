@@ -27,7 +27,7 @@ def check_local_shards(urls: str, key: str) -> None:
         expanded = expand_urls(urls)
     except (DataError, ValueError) as error:
         raise ConfigError(f"config key {key!r}: {urls!r} names no shards ({error})") from None
-    local = [url for url in expanded if "://" not in url and not url.startswith("pipe:")]
+    local = [url.removeprefix("file:") for url in expanded if "://" not in url and not url.startswith("pipe:")]
     missing = [url for url in local if not Path(url).is_file()]
     if missing:
         raise ConfigError(f"config key {key!r}: {len(missing)} of the {len(expanded)} shards it names do not "

@@ -91,14 +91,14 @@ class ContrastiveLoss(nn.Module):
                     f"config key '{key}.pairs': {text!r} names a modality without a tower "
                     f"({', '.join(sorted(modalities))})"
                 )
-        weighable = cfg.pairs or [pair_name(a, b) for a in modalities for b in modalities if a != b]
-        for text in cfg.pair_weights:
-            if text not in weighable:
-                raise ConfigError(f"config key '{key}.pair_weights.{text}': not a pair the loss uses")
         if cfg.anchor and cfg.anchor not in modalities:
             raise ConfigError(
                 f"config key '{key}.anchor': {cfg.anchor!r} is not a tower ({', '.join(sorted(modalities))})"
             )
+        scored = {frozenset(pair) for pair in pairs_to_score(cfg, modalities)}
+        for text in cfg.pair_weights:  # a pair's loss is symmetric: its weight may name it either way round
+            if frozenset(parse_pair(text, f"{key}.pair_weights")) not in scored:
+                raise ConfigError(f"config key '{key}.pair_weights.{text}': not a pair the loss scores")
         if optional and not cls.takes_missing:
             raise ConfigError(
                 f"config key '{key}.name': {cfg.name!r} cannot score batches with missing modalities "
@@ -107,9 +107,8 @@ class ContrastiveLoss(nn.Module):
 
     def pairs(self, modalities: List[str]) -> List[Tuple[str, str, float]]:
         """(a, b, weight) for every pair the loss sums: configured pairs, anchor pairs, or all pairs."""
-        return [
-            (a, b, self.cfg.pair_weights.get(pair_name(a, b), 1.0)) for a, b in pairs_to_score(self.cfg, modalities)
-        ]
+        weights = {frozenset(parse_pair(text)): weight for text, weight in self.cfg.pair_weights.items()}
+        return [(a, b, weights.get(frozenset((a, b)), 1.0)) for a, b in pairs_to_score(self.cfg, modalities)]
 
     def forward(
         self,

@@ -19,6 +19,7 @@ from mmcl.train.run_state import RunState
 from mmcl.train.trackers import Tracker, build_trackers
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_HISTORY_FILE = "eval_history.jsonl"
 
 
 def read_records(path: Path) -> List[Dict]:
@@ -43,6 +44,7 @@ class MetricsLog:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / METRICS_FILE
         truncate_log(self.path, resumed_step)
+        truncate_log(self.run_dir / EVAL_HISTORY_FILE, resumed_step)
         self.file = open(self.path, "a")
         self.trackers = trackers
 
@@ -57,15 +59,15 @@ class MetricsLog:
         """An evaluation's results to every tracker (eval/<dataset>/<metric>); those made during training
         also to eval_history.jsonl."""
         if during_training:
-            with open(self.run_dir / "eval_history.jsonl", "a") as history:
+            with open(self.run_dir / EVAL_HISTORY_FILE, "a") as history:
                 history.write(json.dumps({"step": step, "results": results}) + "\n")
         for tracker in self.trackers:
             tracker.evaluation(results, step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.file.close()
         for tracker in self.trackers:
-            tracker.close()
+            tracker.close(failed)
         plot_curves(self.path, self.run_dir / "loss.png")
 
 
@@ -129,7 +131,7 @@ class TrainingLog:
     ) -> None:
         self.progress.close()
         if self.metrics:
-            self.metrics.close()
+            self.metrics.close(failed=error is not None)
         if self.samples:
             self.samples.close()
 

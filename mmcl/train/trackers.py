@@ -5,12 +5,14 @@ Each takes the step's scalars and the evaluation results; both are written by pr
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Protocol
 
 from torch.utils.tensorboard import SummaryWriter
 
 from mmcl.config import RunConfig
+from mmcl.errors import ConfigError
 
 
 class Tracker(Protocol):
@@ -18,7 +20,13 @@ class Tracker(Protocol):
 
     def evaluation(self, results: Mapping[str, Mapping[str, Any]], step: int) -> None: ...
 
-    def close(self) -> None: ...
+    def close(self, failed: bool) -> None: ...
+
+
+def check_trackers(cfg: RunConfig, key: str = "run.log_to") -> None:
+    """A ConfigError before any compute for a tracker whose package is missing."""
+    if "wandb" in cfg.log_to and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"config key {key!r}: wandb is not installed (pip install mmcl[wandb], or pip install wandb)")
 
 
 def eval_scalars(results: Mapping[str, Mapping[str, Any]]) -> Dict[str, float]:
@@ -43,7 +51,7 @@ class TensorBoard:
     def evaluation(self, results: Mapping[str, Mapping[str, Any]], step: int) -> None:
         self.scalars(eval_scalars(results), step)
 
-    def close(self) -> None:
+    def close(self, failed: bool) -> None:
         self.writer.close()
 
 
@@ -80,8 +88,8 @@ class WeightsAndBiases:
         table = self.wandb.Table(columns=["dataset", "metric", "value"], data=rows)
         self.run.log({**eval_scalars(results), "eval/table": table}, step=step)
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # a run that crashed or halted shows as failed
 
 
 def build_trackers(

@@ -27,12 +27,13 @@ from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
 from mmcl.eval.datasets import check_dataset
 from mmcl.eval.suite import evaluate_all
 from mmcl.losses import build_loss, check_loss_config
-from mmcl.models import MultiEncoder, check_model_config, load_model
+from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
 from mmcl.train.gradcache import build_backward, micro_steps
 from mmcl.train.metrics_log import TrainingLog
 from mmcl.train.run_state import RunState, check_health
 from mmcl.train.step import train_step
+from mmcl.train.trackers import check_trackers
 
 log = logging.getLogger("mmcl.train")
 
@@ -41,11 +42,13 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 def check_config(cfg: Config) -> None:
     """Every component checks its own settings against the towers, before anything is built."""
+    config_lib.check_values(cfg)  # again: a config built in Python has not been through load()
     modalities = list(cfg.model.towers)
     check_model_config(cfg.model)
-    check_data_config(cfg.data, modalities)
+    check_data_config(cfg.data, {m: TOWERS.get(t.type).input_kind for m, t in cfg.model.towers.items()})
     check_loss_config(cfg.loss, modalities, cfg.data.optional_modalities)
     check_engine_config(cfg.engine, modalities, cfg.data.batch_size)
+    check_trackers(cfg.run)
 
 
 class StopRequest:
@@ -123,6 +126,8 @@ class Trainer:
         if resume_from is not None:
             meta = checkpoints.load(resume_from, self.engine)
             self.state, position = RunState.from_meta(meta), tuple(meta["data_position"][dist.rank()])
+            if checkpoints.run_dir_of(resume_from).resolve() != self.run_dir.resolve():
+                self.state.run_id = RunState().run_id  # another run's checkpoint starts a run of its own
             log.info("resumed from %s at step %d", resume_from, self.state.step)
         self.stream = TrainStream(
             cfg.data.train,

@@ -293,3 +293,42 @@ def test_nonfinite_gradients_skip_the_update_under_deepspeed(tmp_path, stage):
     out = torch.load(tmp_path / "out.pt", weights_only=False)
     assert out["result"]["nonfinite"] == 1.0
     assert out["changed"] == []  # no NaN reached the weights, and no optimiser step moved them
+
+
+def test_user_mistakes_are_one_line_errors_not_tracebacks(tmp_path, capsys):
+    """Exit status 2 and one line naming what is wrong, for mistakes a user makes with their files."""
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png", "caption": "x"}\n{not json\n')
+    (tmp_path / "bad.parquet").write_bytes(b"not a parquet file")
+    (tmp_path / "bad.yaml").write_text("run: {steps: [1,\n")
+    checkpoint = tmp_path / "ck"
+    checkpoint.mkdir()
+    (checkpoint / "config.yaml").write_text("data: {train: x.tar, bogus: 1}\n")
+    torch.manual_seed(0)
+    torch.save(MultiEncoder(tiny_config().model).state_dict(), tmp_path / "mmcl-state.pt")
+    cases = [
+        (("prep", "folder", tmp_path / "missing", "--out", tmp_path / "o1"), "no such folder"),
+        (("prep", "manifest", tmp_path / "bad.jsonl", "--out", tmp_path / "o2"), "bad.jsonl:2: not a JSON object"),
+        (("prep", "manifest", tmp_path / "bad.parquet", "--out", tmp_path / "o3"), "not a readable parquet file"),
+        (("train", tmp_path / "bad.yaml"), "not valid YAML"),
+        (("eval", checkpoint, "--datasets", tmp_path), "not a config this version of mmcl reads"),
+        (
+            ("eval", tmp_path / "mmcl-state.pt", "--open-clip", "mmcl-tiny", "--datasets", tmp_path),
+            "does not hold a mmcl-tiny model",
+        ),
+        (("convert", "from-hf", tmp_path / "missing", "--out", tmp_path / "o4"), "not a CLIPModel directory"),
+    ]
+    for argv, message in cases:
+        status = main([str(part) for part in argv])  # an exception other than a user error would propagate
+        stderr = capsys.readouterr().err
+        errors = [line for line in stderr.splitlines() if line.startswith("mmcl ")]  # besides progress bars
+        assert status == 2 and len(errors) == 1 and message in errors[0], (argv, stderr[-1500:])
+
+
+def test_an_internal_defect_keeps_its_traceback(tmp_path):
+    """Anything that is not a user error is a defect: its traceback is printed (exit status 1)."""
+    script = (
+        "import sys\nimport mmcl.cli as cli\n\n\ndef broken(args):\n    raise KeyError('a defect')\n\n\n"
+        "cli._convert = broken\nsys.exit(cli.main(['convert', 'zero-fp32', 'x', '--out', 'y']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" in result.stderr and "KeyError: 'a defect'" in result.stderr

@@ -183,6 +183,13 @@ def test_three_modalities_sum_pairs_with_weights(name):
     assert set(out) == {"loss", "audio-text", "image-text"}
 
 
+def test_a_pair_weight_may_name_the_pair_either_way_round():
+    emb = {"image": unit(4, 3, seed=33), "text": unit(4, 3, seed=34)}
+    weighted = build_loss(LossConfig(name="infonce", pair_weights={"text-image": 2.0}))(emb, scale_for(0.5))
+    plain = build_loss(LossConfig(name="infonce"))(emb, scale_for(0.5))
+    torch.testing.assert_close(weighted["loss"], 2 * plain["loss"])
+
+
 def test_anchor_modality_uses_only_its_pairs():
     emb = {"audio": unit(4, 3, seed=30), "image": unit(4, 3, seed=31), "text": unit(4, 3, seed=32)}
     out = build_loss(LossConfig(name="infonce", anchor="image"))(emb, scale_for(0.5))
