@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from mmcl import dist
 from mmcl.data import Batch
@@ -18,7 +18,7 @@ class RunState:
 
     step: int = 0
     samples_seen: int = 0  # by every process
-    samples_skipped: int = 0  # unreadable samples this process's stream dropped
+    samples_skipped: int = 0  # unreadable samples this process's stream dropped (each process keeps its own)
     nonfinite_steps: int = 0  # steps with a NaN/Inf loss or gradient (their updates were skipped)
     nonfinite_in_a_row: int = 0
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))  # the trackers' (W&B) id of this run
@@ -36,18 +36,26 @@ class RunState:
         return cls(**{name: meta[name] for name in asdict(cls()) if name in meta})
 
 
-def check_health(state: RunState, max_nonfinite_steps: int, max_skipped_fraction: float) -> None:
-    """Stop with a clear message when the run has stopped making sense (this process's counts)."""
+def health_problem(state: RunState, max_nonfinite_steps: int, max_skipped_fraction: float) -> Optional[str]:
+    """Why the run has stopped making sense (by this process's counts), or None."""
     if state.nonfinite_in_a_row >= max_nonfinite_steps:
-        raise TrainingHalted(
+        return (
             f"{state.nonfinite_in_a_row} steps in a row had a NaN/Inf loss or gradient "
-            f"(optim.max_nonfinite_steps={max_nonfinite_steps}); lower optim.lr, "
-            "set optim.grad_clip, or check the data"
+            f"(optim.max_nonfinite_steps={max_nonfinite_steps}); lower optim.lr, set optim.grad_clip, "
+            "or check the data"
         )
     skipped, seen = state.samples_skipped, state.samples_seen // dist.world_size()
     if skipped > max_skipped_fraction * (skipped + seen) and skipped + seen >= 100:
-        raise TrainingHalted(
+        return (
             f"{skipped} of the {skipped + seen} samples read were unreadable, more than "
-            f"data.max_skipped_fraction={max_skipped_fraction}; see the warnings "
-            "naming each shard and key"
+            f"data.max_skipped_fraction={max_skipped_fraction}; see the warnings naming each shard and key"
         )
+    return None
+
+
+def check_health(state: RunState, max_nonfinite_steps: int, max_skipped_fraction: float) -> None:
+    """Collective: stop every process when any one's run has stopped making sense (each process counts
+    its own unreadable samples, so one may see too many while the others do not)."""
+    problem = health_problem(state, max_nonfinite_steps, max_skipped_fraction)
+    if dist.any_rank(problem is not None):
+        raise TrainingHalted(problem or "another process found the run unhealthy; its log says why")

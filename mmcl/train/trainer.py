@@ -124,11 +124,7 @@ class Trainer:
         self.loss_fn = build_loss(cfg.loss)
         self.state, position = RunState(), (0, 0)
         if resume_from is not None:
-            meta = checkpoints.load(resume_from, self.engine)
-            self.state, position = RunState.from_meta(meta), tuple(meta["data_position"][dist.rank()])
-            if checkpoints.run_dir_of(resume_from).resolve() != self.run_dir.resolve():
-                self.state.run_id = RunState().run_id  # another run's checkpoint starts a run of its own
-            log.info("resumed from %s at step %d", resume_from, self.state.step)
+            position = self._resume(resume_from)
         self.stream = TrainStream(
             cfg.data.train,
             stream_inputs(self.engine.model, cfg),
@@ -139,6 +135,18 @@ class Trainer:
             start=position,
         )
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
+
+    def _resume(self, checkpoint: Path) -> Tuple[int, int]:
+        """Restore the engine, the RNG and the run state from `checkpoint`; this process's stream position."""
+        meta = checkpoints.load(checkpoint, self.engine)
+        self.state = RunState.from_meta(meta)
+        if "samples_skipped_per_process" in meta:  # each process's own count (older checkpoints: process 0's)
+            self.state.samples_skipped = meta["samples_skipped_per_process"][dist.rank()]
+        if checkpoints.run_dir_of(checkpoint).resolve() != self.run_dir.resolve():
+            self.state.run_id = RunState().run_id  # another run's checkpoint starts a tracker run of its own
+        log.info("resumed from %s at step %d", checkpoint, self.state.step)
+        epoch, taken = meta["data_position"][dist.rank()]
+        return epoch, taken
 
     def _build_engine(self, initialise: bool) -> Engine:
         cfg = self.cfg
@@ -192,8 +200,10 @@ class Trainer:
         step = self.state.step
         if not (force or step % self.cfg.run.checkpoint_every == 0 or step == self.cfg.run.steps):
             return
-        positions = dist.all_gather_object(self.stream.position)  # one (epoch, batches) per process
-        meta = {**asdict(self.state), "data_position": positions}
+        # Per process: its stream's (epoch, batches taken), and the unreadable samples it skipped.
+        positions = dist.all_gather_object(self.stream.position)
+        skipped = dist.all_gather_object(self.state.samples_skipped)
+        meta = {**asdict(self.state), "data_position": positions, "samples_skipped_per_process": skipped}
         checkpoints.save(self.run_dir, step, self.engine, meta, self.config_yaml, self.cfg.run.keep_last)
 
     def evaluate_during_training(self, logs: TrainingLog) -> None:

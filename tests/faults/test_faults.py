@@ -68,6 +68,44 @@ def test_too_much_bad_data_stops_the_run_with_a_clear_message(tmp_path, digit_pn
     assert "unreadable" in err and "data.max_skipped_fraction=0.2" in err
 
 
+def halting_worker(rank, world, overrides, out_dir):
+    from mmcl import config as config_lib
+    from mmcl.train.trainer import train
+
+    try:
+        train(config_lib.load(None, overrides))
+        message = "no halt"
+    except TrainingHalted as error:
+        message = str(error)
+    (out_dir / f"{rank}.txt").write_text(message)
+
+
+def test_bad_data_on_one_process_stops_every_process(tmp_path, digit_pngs):
+    """Each process counts its own unreadable samples; when one process's shard is mostly garbage, every
+    process stops (the health check is collective) instead of the others waiting in a collective."""
+    with ShardSetWriter(tmp_path / "shards", 300) as writer:
+        for i in range(600):  # shard 0: readable digits; shard 1: mostly garbage
+            png = digit_pngs[i % 40][0] if i < 300 or i % 5 == 0 else b"\x89PNG garbage"
+            writer.write({"__key__": f"s{i}", "png": png, "txt": "a digit"})
+    overrides = tiny_overrides(
+        f"{tmp_path}/shards/{{000000..000001}}.tar",
+        **{
+            "run.output_dir": tmp_path / "runs",
+            "run.steps": 60,
+            "data.batch_size": 8,
+            "data.shuffle_buffer": 0,
+            "data.max_skipped_fraction": 0.2,
+            "engine.backend": "deepspeed",
+        },
+    )
+    from launch import launch
+
+    launch(halting_worker, 2, overrides, tmp_path)
+    messages = [(tmp_path / f"{rank}.txt").read_text() for rank in (0, 1)]
+    assert sum("data.max_skipped_fraction=0.2" in m for m in messages) == 1, messages  # the one that saw it
+    assert sum("another process found the run unhealthy" in m for m in messages) == 1, messages
+
+
 def test_health_check_names_the_budget():
     check_health(RunState(nonfinite_in_a_row=2, samples_skipped=5, samples_seen=100), 3, 0.1)  # within both budgets
     with pytest.raises(TrainingHalted, match="optim.max_nonfinite_steps=3"):
