@@ -2,7 +2,10 @@
 
 train/  shards of (png, txt): each training image several times, each time with another phrasing.
 test/   held-out images (never in train/) with png, cls (label) and one txt caption, plus
-        classnames.txt and zeroshot_classification_templates.txt: the CLIP_benchmark layout.
+        classnames.txt and zeroshot_classification_templates.txt: CLIP_benchmark's webdataset layout
+        ({0..N}.tar and nshards.txt).
+probe/  the training images once each, with png and cls: the labelled split a few-shot linear probe
+        learns from (CLIP_benchmark's train split: `--train_split probe`).
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def prepare_digits(
                 train.write({"__key__": f"digit{index:04d}_{k}", "png": image, "txt": text})
         train.extra_stats = {"source": "sklearn.datasets.load_digits", "images": len(train_idx)}
 
-    with ShardSetWriter(out_dir / "test", samples_per_shard) as test:
+    with ShardSetWriter(out_dir / "test", samples_per_shard, clip_benchmark_names=True) as test:
         for index in test_idx:
             label = int(digits.target[index])
             test.write(
@@ -97,6 +100,17 @@ def prepare_digits(
             )
         test.extra_stats = {"source": "sklearn.datasets.load_digits", "images": len(test_idx)}
 
+    with ShardSetWriter(out_dir / "probe", samples_per_shard, clip_benchmark_names=True) as probe:
+        for index in train_idx:
+            image = png_bytes(digits.images[index])
+            probe.write({"__key__": f"digit{index:04d}", "png": image, "cls": str(int(digits.target[index]))})
+
     (out_dir / "classnames.txt").write_text("\n".join(WORDS) + "\n")
     (out_dir / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-    return {"train": train.sizes, "test": test.sizes, "train_images": len(train_idx), "test_images": len(test_idx)}
+    return {
+        "train": train.sizes,
+        "test": test.sizes,
+        "probe": probe.sizes,
+        "train_images": len(train_idx),
+        "test_images": len(test_idx),
+    }

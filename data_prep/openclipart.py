@@ -142,7 +142,7 @@ def prepare_openclipart(
     sizes = {}
     for split, samples in splits.items():
         rng.shuffle(samples)
-        with ShardSetWriter(out_dir / split, samples_per_shard) as writer:
+        with ShardSetWriter(out_dir / split, samples_per_shard, clip_benchmark_names=split == "test") as writer:
             for sample in samples:
                 writer.write(sample)
             for source, reason in rejected if split == "train" else []:

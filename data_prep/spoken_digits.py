@@ -156,7 +156,7 @@ def prepare_spoken_digits(
     clips_by_digit: Dict[int, List[Utterance]] = {d: [u for u in test_speech if u.digit == d] for d in range(10)}
     for clips in clips_by_digit.values():
         rng.shuffle(clips)
-    with ShardSetWriter(out_dir / "test", samples_per_shard) as test:
+    with ShardSetWriter(out_dir / "test", samples_per_shard, clip_benchmark_names=True) as test:
         for n, index in enumerate(test_idx):
             label = int(digits.target[index])
             clip = clips_by_digit[label][n % len(clips_by_digit[label])]

@@ -1,5 +1,8 @@
 """ShardSetWriter: samples -> {000000..N}.tar with sizes.json (samples per shard) and _stats.json.
 
+An evaluation split in CLIP_benchmark's webdataset layout (`clip_benchmark_names=True`) is named
+{0..N}.tar instead, with nshards.txt beside it, as CLIP_benchmark's `wds/` loader reads it.
+
 Each shard is written under a temporary name and renamed when complete, so a directory never holds a
 half-written shard under a final name; sizes.json and _stats.json are written last, and their
 presence marks a finished shard set.
@@ -19,12 +22,13 @@ from mmcl.errors import DataError
 
 
 class ShardSetWriter:
-    def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000) -> None:
+    def __init__(self, out_dir: str | Path, samples_per_shard: int = 1000, clip_benchmark_names: bool = False) -> None:
         if samples_per_shard < 1:
             raise DataError("samples_per_shard must be at least 1")
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.samples_per_shard = samples_per_shard
+        self.clip_benchmark_names = clip_benchmark_names
         self.sizes: Dict[str, int] = {}
         self.field_counts: Counter = Counter()
         self.field_bytes: Counter = Counter()
@@ -36,7 +40,7 @@ class ShardSetWriter:
         self.stats: Dict[str, object] = {}
 
     def _open_next(self) -> None:
-        self._name = f"{len(self.sizes):06d}.tar"
+        self._name = f"{len(self.sizes)}.tar" if self.clip_benchmark_names else f"{len(self.sizes):06d}.tar"
         self.sizes[self._name] = 0
         self._tar = wds.TarWriter(str(self.out_dir / (self._name + ".tmp")))
 
@@ -83,6 +87,8 @@ class ShardSetWriter:
             "rejected_inputs": self.rejected,
             **self.extra_stats,
         }
+        if self.clip_benchmark_names:
+            (self.out_dir / "nshards.txt").write_text(f"{len(self.sizes)}\n")
         (self.out_dir / "sizes.json").write_text(json.dumps(self.sizes, indent=1) + "\n")
         (self.out_dir / "_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
         self.stats = stats

@@ -149,11 +149,25 @@ class EngineConfig:
 
 
 @dataclass
+class ProbeConfig:
+    """The linear probe on frozen embeddings. "fewshot" learns from a dataset's labelled split
+    (<dataset>/<split>/, as CLIP_benchmark does), "halves" fits on one seeded half of the test set and
+    scores the other; "auto" is fewshot where the dataset has that split, else halves."""
+
+    mode: str = choice("auto", "fewshot", "halves", "none")
+    split: str = "train"
+    shots: int = at_least(-1, -1)  # samples per class the few-shot probe fits on (-1: all of them; not 0)
+    val_fraction: float = fraction(0.2, below_one=True)  # of the split, held out to choose the regularisation
+    seed: int = 0
+
+
+@dataclass
 class EvalConfig:
     datasets: List[str] = field(default_factory=list)  # dataset roots (classnames.txt, templates, test/ shards)
     batch_size: int = at_least(256, 1)
     recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
     every_steps: int = at_least(0, 0)  # also evaluate during training every N steps (0: only at the end)
+    linear_probe: ProbeConfig = field(default_factory=lambda: ProbeConfig())
 
 
 @dataclass

@@ -157,3 +157,18 @@ def all_gather_object(obj: object) -> list:
     gathered: list = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def all_gather_rows(local: torch.Tensor) -> list:
+    """Every process's (rows, ...) tensor, the row counts free to differ, in rank order, on the CPU.
+
+    Without gradients (evaluation): the tensors travel on the collective device, padded to the longest,
+    since a collective needs equal shapes and NCCL serves only GPU tensors."""
+    if not is_distributed():
+        return [local]
+    lengths = [int(n) for n in all_gather_object(len(local))]
+    padded = torch.zeros((max(*lengths, 1), *local.shape[1:]), dtype=local.dtype, device=collective_device())
+    padded[: len(local)] = local
+    parts = [torch.empty_like(padded) for _ in lengths]
+    dist.all_gather(parts, padded)
+    return [part[:n].cpu() for part, n in zip(parts, lengths, strict=True)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,34 @@ def digit_pngs() -> list:
         Image.fromarray((pixels * 255 / 16).astype(np.uint8), mode="L").save(buffer, format="PNG")
         out.append((buffer.getvalue(), int(label)))
     return out
+
+
+def held_out_samples(root):
+    """(key, png bytes, label) of every sample in a CLIP_benchmark-layout test split."""
+    out = []
+    for shard in sorted((root / "test").glob("*.tar")):
+        fields = {}
+        with tarfile.open(shard) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                fields.setdefault(key, {})[ext] = tar.extractfile(member).read()
+        out += [(key, f["png"], int(f["cls"])) for key, f in fields.items()]
+    return out
+
+
+@pytest.fixture(scope="session")
+def folder_root(digits_root, tmp_path_factory):
+    """The digits test split again, as a plain folder per class (class names from the folder names)."""
+    root = tmp_path_factory.mktemp("digit_folders")
+    words = (digits_root / "classnames.txt").read_text().split()
+    for key, png, label in held_out_samples(digits_root):
+        folder = root / f"{label}_{words[label]}"  # sorts in label order; "3_three" reads "3 three"
+        folder.mkdir(exist_ok=True)
+        (folder / f"{key}.png").write_bytes(png)
+    (root / "zeroshot_classification_templates.txt").write_text(
+        (digits_root / "zeroshot_classification_templates.txt").read_text()
+    )
+    return root
 
 
 def digits_run_overrides(digits_root: Path, out: Path) -> list:

@@ -14,6 +14,8 @@ class Batch:
     keys: List[str]  # "<shard url>#<sample key>", in batch order
     skipped: int = 0  # samples dropped as unreadable by this worker since its previous batch
     present: Dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (B,) bool: not a placeholder
+    # A ragged modality (several rows per sample): modality -> (B,) rows of each sample, in order.
+    counts: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -35,9 +35,14 @@ class InputSpec:
     preprocess: Callable[[object], torch.Tensor]
     # For a modality samples may lack: the input standing in for it (masked out of the loss). None: required.
     placeholder: Optional[torch.Tensor] = None
+    # preprocess returns (K, ...): K rows per sample, K varying (several captions of one image, in
+    # evaluation); the batch holds every sample's rows concatenated and `Batch.counts` their K.
+    ragged: bool = False
 
     def __post_init__(self) -> None:
         check_fields(self.kind, self.fields)
+        if self.ragged and self.placeholder is not None:
+            raise ValueError("a ragged input cannot have a placeholder")
 
 
 def check_data_config(cfg: DataConfig, kinds: Mapping[str, str], key: str = "data") -> None:
@@ -119,22 +124,29 @@ def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Opti
 
 
 def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> Batch:
-    batch_inputs, present = {}, {}
+    batch_inputs, present, counts = {}, {}, {}
     for modality, spec in inputs.items():
         rows: List[Optional[torch.Tensor]] = [tensors[modality] for _, tensors in items]
+        if spec.ragged:
+            batch_inputs[modality] = torch.cat(rows)  # type: ignore[arg-type]  # (sum K, ...)
+            counts[modality] = torch.tensor([len(row) for row in rows])  # type: ignore[arg-type]  # (B,)
+            present[modality] = torch.ones(len(rows), dtype=torch.bool)
+            continue
         present[modality] = torch.tensor([row is not None for row in rows])  # (B,) bool
         filled = [row if row is not None else spec.placeholder for row in rows]  # a None row has a placeholder
         batch_inputs[modality] = torch.stack(filled)  # type: ignore[arg-type]  # (B, ...)
-    return Batch(inputs=batch_inputs, keys=[where for where, _ in items], skipped=skipped, present=present)
+    keys = [where for where, _ in items]
+    return Batch(inputs=batch_inputs, keys=keys, skipped=skipped, present=present, counts=counts)
 
 
 def _pipeline(
     urls: List[str], inputs: Dict[str, InputSpec], batch_size: int, seed: int, epoch: int,
-    shuffle_buffer: int, partial: bool,
+    shuffle_buffer: int, partial: bool, split_by_node: bool = True,
 ) -> wds.DataPipeline:
     skips = SkipLog()
     ordered = shard_order(urls, seed, epoch) if shuffle_buffer else urls
-    stages = [wds.SimpleShardList(ordered), wds.split_by_node, wds.split_by_worker,
+    node_split = [wds.split_by_node] if split_by_node else []
+    stages = [wds.SimpleShardList(ordered), *node_split, wds.split_by_worker,
               wds.tarfile_to_samples(handler=skips.tar_error)]
     if shuffle_buffer:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
@@ -214,9 +226,14 @@ class TrainStream:
                 yield batch
 
 
-def build_eval_loader(urls: str, inputs: Dict[str, InputSpec], batch_size: int, workers: int = 0) -> wds.WebLoader:
-    """Every readable sample once, in shard order, the last batch partial."""
-    pipeline = _pipeline(expand_urls(urls), inputs, batch_size, seed=0, epoch=0, shuffle_buffer=0, partial=True)
+def build_eval_loader(
+    urls: str | List[str], inputs: Dict[str, InputSpec], batch_size: int, workers: int = 0
+) -> wds.WebLoader:
+    """Every readable sample of these shards once, in shard order, the last batch partial. The shards
+    are not split across processes: a distributed evaluation hands each process its own."""
+    shards = expand_urls(urls) if isinstance(urls, str) else list(urls)
+    pipeline = _pipeline(shards, inputs, batch_size, seed=0, epoch=0, shuffle_buffer=0, partial=True,
+                         split_by_node=False)
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
 
 

@@ -4,9 +4,17 @@ CLIP_benchmark's webdataset layout (what data_prep writes for the bundled sets):
 
     <root>/classnames.txt                           one class name per line, in label order
     <root>/zeroshot_classification_templates.txt    prompt templates with "{c}"
-    <root>/test/*.tar                               shards: ".cls" label, an image and/or audio, optional ".txt"
+    <root>/test/{0..N}.tar, test/nshards.txt        shards: ".cls" label, an image and/or audio, optional ".txt"
+                                                    (without nshards.txt: every test/*.tar)
+    <root>/dataset_type.txt                         optional: "retrieval" for a set without classes, whose
+                                                    ".txt" holds several captions of the image, one per line
+    <root>/<split>/{0..N}.tar                       optional: a labelled split (e.g. train/) the few-shot
+                                                    linear probe learns from
     <root>/dataset.json                             optional: {"retrieval_match": "class"} when the items
                                                     of a sample share only their class
+
+A ".txt" field is one or more captions, one per line, in every layout: a query image is retrieved by
+any of its captions, as CLIP_benchmark scores COCO and Flickr.
 
 An mmcl shard set as data_prep writes it from folders and manifests (<root>/*.tar + sizes.json, no
 classes): retrieval between the modalities its samples hold (images or audio and captions).
@@ -52,6 +60,13 @@ class EvalSet:
     retrieval_match: str  # "sample" or "class"
     shards: List[str]  # empty for a folder dataset
     folder_samples: Callable[[], Iterator[dict]]  # webdataset-style sample dicts (folder layout)
+    root: Path = Path(".")
+
+    def labelled_split(self, split: str) -> List[str]:
+        """The shards of <root>/<split>/ when its samples hold class labels (what a few-shot probe
+        learns from), else no shard."""
+        shards = split_shards(self.root / split)
+        return shards if shards and "cls" in _first_sample_fields(shards[0]) else []
 
 
 def _first_sample_fields(shard: str) -> Set[str]:
@@ -59,6 +74,34 @@ def _first_sample_fields(shard: str) -> Set[str]:
         names = [m.name for m in tar.getmembers()[:16]]
     first = names[0].split(".", 1)[0]
     return {n.split(".", 1)[1] for n in names if n.split(".", 1)[0] == first}
+
+
+def split_shards(split_dir: Path) -> List[str]:
+    """A split's shards in order: {0..N-1}.tar as nshards.txt counts them (CLIP_benchmark), else every
+    *.tar, numbered names in numeric order."""
+    count_file = split_dir / "nshards.txt"
+    if count_file.is_file():
+        text = count_file.read_text().strip()
+        if not text.isdigit():
+            raise DataError(f"{count_file}: not a shard count: {text!r}")
+        shards = [split_dir / f"{i}.tar" for i in range(int(text))]
+        missing = [str(s) for s in shards if not s.is_file()]
+        if missing:
+            raise DataError(f"{count_file} counts {text} shards, but {missing[0]} does not exist")
+        return [str(s) for s in shards]
+    found = split_dir.glob("*.tar") if split_dir.is_dir() else iter(())
+    return [
+        str(p)
+        for p in sorted(found, key=lambda p: (not p.stem.isdigit(), int(p.stem) if p.stem.isdigit() else 0, p.name))
+    ]
+
+
+def _dataset_type(root: Path) -> str:
+    path = root / "dataset_type.txt"
+    kind = path.read_text().strip().lower() if path.is_file() else "classification"
+    if kind not in ("classification", "retrieval"):
+        raise DataError(f"{path}: dataset type {kind!r} is not supported (classification or retrieval)")
+    return kind
 
 
 def _class_folders(root: Path) -> List[Path]:
@@ -79,8 +122,12 @@ def load_dataset(root: str | Path) -> EvalSet:
     if match not in ("sample", "class"):
         raise DataError(f"{root / 'dataset.json'}: retrieval_match must be 'sample' or 'class'")
     templates = read_lines(root / TEMPLATES_FILE) if (root / TEMPLATES_FILE).is_file() else None
-    shards = sorted(str(p) for p in (root / "test").glob("*.tar"))
+    shards = split_shards(root / "test")
     if shards:
+        if _dataset_type(root) == "retrieval":
+            if match == "class":
+                raise DataError(f"{root}: retrieval_match 'class' needs class labels, which a retrieval set lacks")
+            return EvalSet(root.name, [], [], _first_sample_fields(shards[0]), match, shards, lambda: iter(()), root)
         for required in ("classnames.txt", TEMPLATES_FILE):
             if not (root / required).is_file():
                 raise FileNotFoundError(f"evaluation dataset {root}: no {required}")
@@ -92,6 +139,7 @@ def load_dataset(root: str | Path) -> EvalSet:
             match,
             shards,
             lambda: iter(()),
+            root,
         )
     own_shards = sorted(str(p) for p in root.glob("*.tar"))
     if own_shards:
@@ -106,6 +154,7 @@ def load_dataset(root: str | Path) -> EvalSet:
             match,
             own_shards,
             lambda: iter(()),
+            root,
         )
     folders = _class_folders(root)
     if not folders:
@@ -139,4 +188,4 @@ def load_dataset(root: str | Path) -> EvalSet:
             }
 
     fields = {path.suffix[1:].lower() for _, path in files} | {"cls"}
-    return EvalSet(root.name, classnames, templates or DEFAULT_TEMPLATES, fields, match, [], samples)
+    return EvalSet(root.name, classnames, templates or DEFAULT_TEMPLATES, fields, match, [], samples, root)

@@ -1,22 +1,23 @@
 """Zero-shot evaluation of a model on one dataset (layouts: datasets.py): classification of every
 non-text modality by prompt ensembles, a linear probe on the frozen embeddings, and recall@k in both
-directions for every pair of modalities."""
+directions for every pair of modalities (a sample's several captions all count as its matches)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import torch
-from tqdm import tqdm
 
-from mmcl.config import parse_fields
-from mmcl.data import InputSpec, batches_from_samples, build_eval_loader
-from mmcl.errors import DataError
-from mmcl.eval.datasets import load_dataset
-from mmcl.eval.linear_probe import linear_probe
+from mmcl import dist
+from mmcl.config import ProbeConfig, parse_fields
+from mmcl.data import InputSpec
+from mmcl.errors import ConfigError, DataError
+from mmcl.eval.datasets import EvalSet, load_dataset
+from mmcl.eval.embed import Embedded, embed_split
+from mmcl.eval.linear_probe import fewshot_probe, linear_probe
 from mmcl.eval.metrics import classification_metrics, confusion_matrix, recall_at_k
 from mmcl.models import MultiEncoder
 
@@ -38,11 +39,40 @@ def class_embeddings(
     return torch.stack(rows)  # (C, D)
 
 
+def captions_of(tokenize: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
+    """A text field's captions, one per line (CLIP_benchmark's retrieval layout), tokenized: (K, L)."""
+
+    def tokenize_lines(text: Any) -> torch.Tensor:
+        return torch.stack([tokenize(line.strip()) for line in str(text).splitlines() if line.strip()])
+
+    return tokenize_lines
+
+
 @dataclass
 class DatasetResult:
     metrics: Dict[str, Any]
     classnames: List[str]
     confusion: Dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (C, C) counts
+
+
+def check_probe_config(cfg: ProbeConfig, key: str = "eval.linear_probe") -> None:
+    if cfg.shots == 0:
+        raise ConfigError(f"config key '{key}.shots': 0 samples per class leaves nothing to fit (-1: all)")
+
+
+def _inputs(model: MultiEncoder, dataset: EvalSet, fields: Mapping[str, str], labelled: bool) -> Dict[str, InputSpec]:
+    """What to read of the dataset: each modality the model embeds and the samples hold (captions as
+    several rows per sample), and the class label."""
+    preprocess = model.preprocessors(train=False)
+    inputs = {"label": InputSpec("label", ["cls"], torch.tensor)} if labelled else {}
+    for modality in model.modalities:
+        present = [f for f in parse_fields(fields.get(modality, "")) if f in dataset.fields]
+        kind = model.tower(modality).input_kind
+        if present and kind == "text":
+            inputs[modality] = InputSpec(kind, present, captions_of(preprocess[modality]), ragged=True)
+        elif present:
+            inputs[modality] = InputSpec(kind, present, preprocess[modality])
+    return inputs
 
 
 @torch.no_grad()
@@ -54,73 +84,132 @@ def evaluate_dataset(
     recall_k: Sequence[int],
     fields: Mapping[str, str],
     progress: bool = True,
-    probe: bool = True,
-) -> DatasetResult:
+    probe: Optional[ProbeConfig] = None,
+) -> Optional[DatasetResult]:
     """Zero-shot classification of every non-text modality the shards hold (and the model embeds),
-    and retrieval recall@k in both directions for every pair of those modalities and captions.
+    a linear probe of each, and retrieval recall@k in both directions for every pair of those
+    modalities and captions.
+
+    Collective when distributed: every process embeds its share of the shards; process 0 computes the
+    metrics (no collective in that part) and returns them, the others return None.
 
     `fields`: modality -> ";"-separated shard fields (the training config's data.fields).
     Image metrics keep CLIP_benchmark's names (acc1, text_retrieval_recall@k = image -> caption, ...);
     other modalities' are prefixed ("audio_acc1", "audio_to_image_recall@k").
     """
+    probe = probe if probe is not None else ProbeConfig()
     dataset = load_dataset(root)
-    preprocess = model.preprocessors(train=False)
-    classify = bool(dataset.classnames)  # a plain mmcl shard set has captions but no classes
-    inputs = {"label": InputSpec("label", ["cls"], torch.tensor)} if classify else {}
-    for modality in model.modalities:
-        present = [f for f in parse_fields(fields.get(modality, "")) if f in dataset.fields]
-        if present:
-            inputs[modality] = InputSpec(model.tower(modality).input_kind, present, preprocess[modality])
+    classify = bool(dataset.classnames)  # a retrieval set or a plain mmcl shard set has no classes
+    inputs = _inputs(model, dataset, fields, classify)
     modalities = [m for m in inputs if m != "label"]
     if not [m for m in modalities if m != "text"] or (not classify and len(modalities) < 2):
         raise DataError(
             f"{root}: nothing to evaluate: its samples hold {sorted(dataset.fields)}, the model's "
-            f"towers read {dict(fields)}{'' if classify else ', and it has no classnames.txt'}"
+            f"towers read {dict(fields)}{'' if classify else ', and it has no classes'}"
         )
-
-    model.eval()
-    embedded: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
-    labels, skipped = [], 0
-    if dataset.shards:
-        loader = build_eval_loader("::".join(dataset.shards), inputs, batch_size)
-    else:
-        loader = batches_from_samples(dataset.folder_samples(), inputs, batch_size)
-    for batch in tqdm(loader, desc=f"eval {dataset.name}", disable=not progress, leave=False):
-        for m in modalities:
-            embedded[m].append(model.encode(m, batch.inputs[m].to(device)).float().cpu())
-        if classify:
-            labels.append(batch.inputs["label"])
-        skipped += batch.skipped
-    emb = {m: torch.cat(parts) for m, parts in embedded.items()}  # modality -> (N, D)
-    targets = torch.cat(labels) if classify else None  # (N,)
-
+    split = embed_split(
+        model, dataset.shards, dataset.folder_samples, inputs, batch_size, device, f"eval {dataset.name}", progress
+    )
+    probe_split = _embed_probe_split(model, dataset, inputs, probe, batch_size, device, progress) if classify else None
+    if dist.rank() != 0:
+        return None
     metrics: Dict[str, Any] = {}
     confusion: Dict[str, torch.Tensor] = {}
-    if targets is not None:
-        classifier = (
-            class_embeddings(model, preprocess["text"], dataset.classnames, dataset.templates, device).float().cpu()
-        )  # (C, D)
-        for m in modalities:
-            if m != "text":
-                logits = emb[m] @ classifier.T  # (N, D) x (D, C) -> (N, C)
-                for name, value in classification_metrics(logits, targets, len(dataset.classnames)).items():
-                    metrics[_metric_name(m, name)] = value
-                confusion[m] = confusion_matrix(logits, targets, len(dataset.classnames))
-                if probe:
-                    metrics[_metric_name(m, "linear_probe_acc1")] = linear_probe(emb[m], targets)["acc1"]
-    match = targets if dataset.retrieval_match == "class" else None
-    for query, gallery in combinations(modalities, 2):
-        for q, g in ((query, gallery), (gallery, query)):
-            for k, value in recall_at_k(emb[q], emb[g], recall_k, match).items():
-                metrics[_retrieval_name(q, g, k)] = value
+    if classify:
+        tokenize = model.preprocessors(train=False)["text"]
+        classifier = class_embeddings(model, tokenize, dataset.classnames, dataset.templates, device).float().cpu()
+        confusion = _classify(split, classifier, len(dataset.classnames), metrics)
+        _probe(split, probe_split, probe, metrics)
+    _retrieval(split, recall_k, dataset.retrieval_match == "class", metrics)
     metrics.update(
         dataset=dataset.name,
-        samples=len(next(iter(emb.values()))),
+        samples=len(split),
         classes=len(dataset.classnames),
-        skipped=skipped,
+        skipped=split.skipped,
         retrieval_match=dataset.retrieval_match,
     )
     return DatasetResult(metrics, dataset.classnames, confusion)
+
+
+def _embed_probe_split(
+    model: MultiEncoder,
+    dataset: EvalSet,
+    inputs: Mapping[str, InputSpec],
+    probe: ProbeConfig,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+) -> Optional[Embedded]:
+    """The labelled split the few-shot probe learns from, embedded (its non-text modalities), or None
+    when the probe is not few-shot."""
+    if probe.mode in ("none", "halves"):
+        return None
+    shards = dataset.labelled_split(probe.split)
+    if not shards:
+        if probe.mode == "fewshot":
+            raise DataError(
+                f"{dataset.root / probe.split}: no labelled shards (with .cls) for the few-shot linear probe "
+                "(eval.linear_probe.split)"
+            )
+        return None
+    wanted = {m: spec for m, spec in inputs.items() if m != "text"}
+    desc = f"eval {dataset.name}/{probe.split}"
+    return embed_split(model, shards, lambda: iter(()), wanted, batch_size, device, desc, progress)
+
+
+def _classify(split: Embedded, classifier: torch.Tensor, classes: int, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """Zero-shot classification of each non-text modality into `metrics`; its confusion matrices."""
+    assert split.labels is not None
+    confusion = {}
+    for m in split.emb:
+        if m != "text":
+            logits = split.emb[m] @ classifier.T  # (N, D) x (D, C) -> (N, C)
+            for name, value in classification_metrics(logits, split.labels, classes).items():
+                metrics[_metric_name(m, name)] = value
+            confusion[m] = confusion_matrix(logits, split.labels, classes)
+    return confusion
+
+
+def _probe(split: Embedded, probe_split: Optional[Embedded], cfg: ProbeConfig, metrics: Dict[str, Any]) -> None:
+    """The linear probe of each non-text modality into `metrics`: few-shot from the labelled split, or
+    fitted on one half of the test split and scored on the other."""
+    assert split.labels is not None
+    if cfg.mode == "none":
+        return
+    for m in split.emb:
+        if m == "text":
+            continue
+        if probe_split is not None:
+            assert probe_split.labels is not None
+            result = fewshot_probe(
+                probe_split.emb[m],
+                probe_split.labels,
+                split.emb[m],
+                split.labels,
+                cfg.shots,
+                cfg.val_fraction,
+                cfg.seed,
+            )
+            for name in ("acc1", "acc5", "mean_per_class_recall"):
+                metrics[_metric_name(m, f"linear_probe_{name}")] = result[name]
+            metrics[_metric_name(m, "linear_probe")] = f"fewshot k={cfg.shots} C={result['regularisation']:.3g}"
+        else:
+            metrics[_metric_name(m, "linear_probe_acc1")] = linear_probe(split.emb[m], split.labels, cfg.seed)["acc1"]
+            metrics[_metric_name(m, "linear_probe")] = "halves"
+
+
+def _retrieval(split: Embedded, recall_k: Sequence[int], by_class: bool, metrics: Dict[str, Any]) -> None:
+    """recall@k in both directions for every pair of modalities into `metrics`. A query's matches are
+    the rows of its own sample (all of its captions), or with `by_class` every row of its class."""
+    for query, gallery in combinations(list(split.emb), 2):
+        for q, g in ((query, gallery), (gallery, query)):
+            q_owner, g_owner = split.owner(q), split.owner(g)  # (Nq,), (Ng,) sample of each row
+            if by_class:
+                assert split.labels is not None
+                q_owner, g_owner = split.labels[q_owner], split.labels[g_owner]
+            matches = q_owner[:, None] == g_owner[None, :]  # (Nq, Ng)
+            for k, value in recall_at_k(split.emb[q], split.emb[g], recall_k, matches).items():
+                metrics[_retrieval_name(q, g, k)] = value
 
 
 def _metric_name(modality: str, name: str) -> str:

@@ -47,6 +47,7 @@ class Similarity(nn.Module):
 class MultiEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.embed_dim = cfg.embed_dim
         self.towers = nn.ModuleDict(
             {modality: TOWERS.get(tower.type)(tower, cfg.embed_dim) for modality, tower in cfg.towers.items()}
         )

@@ -26,6 +26,7 @@ from mmcl.config import Config, RunConfig, parse_fields
 from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
 from mmcl.eval.datasets import check_dataset
 from mmcl.eval.suite import evaluate_all
+from mmcl.eval.zeroshot import check_probe_config
 from mmcl.losses import build_loss, check_loss_config
 from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
@@ -49,6 +50,7 @@ def check_config(cfg: Config) -> None:
     check_loss_config(cfg.loss, modalities, cfg.data.optional_modalities)
     check_engine_config(cfg.engine, modalities, cfg.data.batch_size)
     check_trackers(cfg.run)
+    check_probe_config(cfg.eval.linear_probe)
 
 
 class StopRequest:
@@ -213,25 +215,25 @@ class Trainer:
             logs.record_eval(self.state.step, results, during_training=True)
 
     def evaluate(self, out_path: Path, quiet: bool = False) -> Optional[Dict[str, Dict[str, Any]]]:
-        """Evaluate the engine's current weights on eval.datasets (process 0; collective call)."""
+        """Evaluate the engine's current weights on eval.datasets (collective: each process embeds its
+        share of the shards; process 0 computes, writes and returns the results, the others None)."""
         weights = self.engine.model_state()  # collective: gathers ZeRO-3 shards
-        results = None
-        if dist.rank() == 0:
-            with torch.random.fork_rng(devices=[]):  # building and running the copy draws nothing from the run's RNG
-                model = load_model(self.cfg.model, weights, self.device)
-                results = evaluate_all(
-                    model,
-                    self.cfg.eval.datasets,
-                    self.cfg.data.fields,
-                    self.cfg.eval.batch_size,
-                    self.cfg.eval.recall_k,
-                    out_path,
-                    self.device,
-                    model_name=self.cfg.run.name,
-                    progress=self.cfg.run.progress,
-                    quiet=quiet,
-                )
-        dist.barrier()
+        with torch.random.fork_rng(devices=[]):  # building and running the copy draws nothing from the run's RNG
+            model = load_model(self.cfg.model, weights, self.device)
+            results = evaluate_all(
+                model,
+                self.cfg.eval.datasets,
+                self.cfg.data.fields,
+                self.cfg.eval.batch_size,
+                self.cfg.eval.recall_k,
+                out_path,
+                self.device,
+                model_name=self.cfg.run.name,
+                progress=self.cfg.run.progress,
+                quiet=quiet,
+                probe=self.cfg.eval.linear_probe,
+            )
+        dist.barrier()  # the others wait while process 0 computes the metrics and writes the reports
         return results
 
 

@@ -39,8 +39,8 @@ def test_prepared_set(tmp_path):
     classes = (tmp_path / "classnames.txt").read_text().splitlines()
     assert len(classes) == summary["classes"] and "animals" in classes
     keys = {}
-    for split in ("train", "test"):
-        with tarfile.open(tmp_path / split / "000000.tar") as tar:
+    for split, first_shard in (("train", "000000.tar"), ("test", "0.tar")):  # test/: CLIP_benchmark's names
+        with tarfile.open(tmp_path / split / first_shard) as tar:
             for member in tar.getmembers():
                 key, ext = member.name.split(".", 1)
                 keys.setdefault(split, {}).setdefault(key, {})[ext] = tar.extractfile(member).read()

@@ -77,11 +77,12 @@ def test_prep_command_writes_train_and_held_out_splits(tmp_path):
     test_sizes = json.loads((tmp_path / "test" / "sizes.json").read_text())
     assert sum(sizes.values()) + sum(test_sizes.values()) == 1797  # every digit, in exactly one split
 
-    def image_ids(split):
-        with tarfile.open(tmp_path / split / "000000.tar") as tar:
+    def image_ids(shard):
+        with tarfile.open(tmp_path / shard) as tar:
             return {name.split(".")[0].split("_")[0] for name in tar.getnames()}
 
-    assert not image_ids("train") & image_ids("test")  # the held-out images are never trained on
+    assert not image_ids("train/000000.tar") & image_ids("test/0.tar")  # held-out images are never trained on
+    assert image_ids("probe/0.tar") == image_ids("train/000000.tar")  # the labelled split: the training images
     assert (tmp_path / "classnames.txt").read_text().split() == [
         "zero",
         "one",

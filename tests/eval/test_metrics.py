@@ -1,5 +1,7 @@
 """Evaluation metrics on small hand-checked cases."""
 
+from itertools import permutations
+
 import pytest
 import torch
 
@@ -48,7 +50,7 @@ def test_recall_at_k_by_class_counts_any_item_of_the_query_class():
     gallery = torch.tensor([[0.5, 0.0, 0.3], [0.9, 0.0, 0.0], [0.0, 0.2, 0.1]])
     labels = torch.tensor([0, 0, 1])
     by_pair = recall_at_k(query, gallery, [1, 2, 3])
-    by_class = recall_at_k(query, gallery, [1, 2, 3], labels)
+    by_class = recall_at_k(query, gallery, [1, 2, 3], labels[:, None] == labels[None, :])
     assert by_pair[1] == pytest.approx(0.0)  # no query's own pair comes first
     assert by_class[1] == pytest.approx(1 / 3)  # query 0: gallery 1 shares its class
     assert by_class[2] == pytest.approx(1.0)
@@ -75,3 +77,38 @@ def test_confusion_matrix_counts_predictions():
     logits = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.7, 0.1], [0.8, 0.1, 0.1], [0.0, 0.1, 0.9]])
     matrix = confusion_matrix(logits, torch.tensor([0, 1, 1, 2]), 3)  # rows: true class, columns: predicted
     assert matrix.tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+
+
+def test_recall_at_k_with_several_matches_per_query():
+    """An image with three captions is found when any of them is within the top k."""
+    image = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # captions 0-2 belong to image 0, captions 3-4 to image 1
+    captions = torch.tensor([[0.1, 0.9], [0.5, 0.6], [0.2, 0.3], [0.0, 0.8], [0.0, 0.7]])
+    owner = torch.tensor([0, 0, 0, 1, 1])
+    matches = torch.arange(2)[:, None] == owner[None, :]  # (2 images, 5 captions)
+    # image 0 scores captions: 0.1, 0.5, 0.2, 0.0, 0.0 -> its caption 1 ranks first
+    # image 1 scores captions: 0.9, 0.6, 0.3, 0.8, 0.7 -> caption 0 (image 0's) first, its own 3 second
+    r = recall_at_k(image, captions, [1, 2], matches)
+    assert r[1] == pytest.approx(0.5) and r[2] == pytest.approx(1.0)
+    # captions as queries: each finds its own image at rank 1 or 2
+    caption_r = recall_at_k(captions, image, [1], matches.T)
+    assert caption_r[1] == pytest.approx(2 / 5)  # only captions 3 and 4 score their own image highest
+
+
+def test_recall_at_k_ties_between_several_matches_and_non_matches():
+    """One non-match and two matches tie for first place: in random order, the top 1 holds a match with
+    probability 2/3; a single match tied with two non-matches: 1/3 at k=1, 2/3 at k=2."""
+    query = torch.tensor([[1.0, 0.0]])
+    gallery = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    two_matches = torch.tensor([[True, True, False, False]])
+    assert recall_at_k(query, gallery, [1], two_matches)[1] == pytest.approx(2 / 3)
+    one_match = torch.tensor([[True, False, False, False]])
+    r = recall_at_k(query, gallery, [1, 2, 3], one_match)
+    assert (r[1], r[2], r[3]) == (pytest.approx(1 / 3), pytest.approx(2 / 3), pytest.approx(1.0))
+
+    # and by enumeration of the orders: every permutation of the 3 tied items alike
+    def chance(matches: list, k: int) -> float:
+        orders = list(permutations(matches))
+        return sum(any(order[:k]) for order in orders) / len(orders)
+
+    assert recall_at_k(query, gallery, [2], two_matches)[2] == pytest.approx(chance([True, True, False], 2))

@@ -1,0 +1,75 @@
+"""Compositional digits: two real handwritten digits side by side, captioned by their order.
+
+<out>/test/{0..N}.tar  png (8x16: the left digit, then the right one) and txt: several captions of the
+                       image, one per line ("a 3 to the left of a 7", "a 7 to the right of a 3", ...)
+<out>/test/nshards.txt, <out>/dataset_type.txt ("retrieval"): CLIP_benchmark's retrieval layout, which
+                       mmcl eval and CLIP_benchmark both read.
+
+The digits are held-out images of the digits set (the same split and seed as data_prep/digits.py), so a
+model trained on that set never saw them. Every ordered pair of two different digits appears
+`images_per_pair` times, each from other images; the captions name only the two digits and their
+order, so telling an image's captions from its swapped pair's takes reading the order.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+
+from data_prep.digits import WORDS, png_bytes, split_digits
+from data_prep.writer import ShardSetWriter
+
+CAPTIONS = [
+    "a {left} to the left of a {right}",
+    "a {right} to the right of a {left}",
+    "{left_word} then {right_word}",
+]
+
+
+def pair_captions(left: int, right: int) -> List[str]:
+    """The phrasings of one ordered pair, each naming the digits and their order."""
+    return [c.format(left=left, right=right, left_word=WORDS[left], right_word=WORDS[right]) for c in CAPTIONS]
+
+
+def prepare_digit_pairs(
+    out_dir: str | Path,
+    images_per_pair: int = 1,
+    samples_per_shard: int = 1000,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+) -> Dict[str, object]:
+    out_dir = Path(out_dir)
+    digits, _, test_idx = split_digits(test_fraction, seed)
+    rng = random.Random(seed)
+    by_digit: Dict[int, List[int]] = {d: [int(i) for i in test_idx if digits.target[i] == d] for d in range(10)}
+    for indices in by_digit.values():
+        rng.shuffle(indices)
+    used = {d: 0 for d in range(10)}  # each digit's next unused image, so a pair's images differ
+
+    def next_image(digit: int) -> int:
+        images = by_digit[digit]
+        index = images[used[digit] % len(images)]
+        used[digit] += 1
+        return index
+
+    with ShardSetWriter(out_dir / "test", samples_per_shard, clip_benchmark_names=True) as test:
+        for copy in range(images_per_pair):
+            for left in range(10):
+                for right in range(10):
+                    if left == right:
+                        continue
+                    a, b = next_image(left), next_image(right)
+                    side_by_side = np.concatenate([digits.images[a], digits.images[b]], axis=1)  # (8, 16)
+                    test.write(
+                        {
+                            "__key__": f"pair{left}{right}_{copy}_{a:04d}_{b:04d}",
+                            "png": png_bytes(side_by_side),
+                            "txt": "\n".join(pair_captions(left, right)),
+                        }
+                    )
+        test.extra_stats = {"source": "sklearn.datasets.load_digits (held-out images)", "captions_per_image": 3}
+    (out_dir / "dataset_type.txt").write_text("retrieval\n")
+    return {"test": test.sizes, "images": sum(test.sizes.values())}
