@@ -5,14 +5,18 @@ exit with status 2; anything else is a defect and keeps its traceback."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
+import open_clip
 import torch
 from safetensors.torch import save_file
 
+from data_prep.digit_pairs import prepare_digit_pairs
 from data_prep.digits import prepare_digits
 from data_prep.openclipart import prepare_openclipart
 from data_prep.pairs import folder_pairs, manifest_pairs, write_pairs
@@ -24,9 +28,11 @@ from mmcl.accelerate_env import apply_accelerate_settings
 from mmcl.checkpoint import convert
 from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.hf_clip import export_hf_clip, import_hf_clip
+from mmcl.config import Config
 from mmcl.errors import ConfigError, DataError, UserError
+from mmcl.eval.compare import file_name, model_names, write_comparison
 from mmcl.eval.suite import evaluate_all
-from mmcl.models import load_model
+from mmcl.models import MultiEncoder, load_model
 from mmcl.train.trainer import train
 
 
@@ -40,6 +46,10 @@ def _prep(args: argparse.Namespace) -> None:
             f"{len(summary['train'])} shards), {summary['test_images']} held-out images"
         )
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
+        return
+    if args.source == "digit-pairs":
+        summary = prepare_digit_pairs(args.out, test_fraction=args.test_fraction, seed=args.seed)
+        print(f"digit pairs: {summary['images']} images of two held-out digits, 3 captions each, in {args.out}")
         return
     if args.source == "spoken-digits":
         summary = prepare_spoken_digits(
@@ -90,6 +100,7 @@ def _prep(args: argparse.Namespace) -> None:
     print(f"train shards: {brace_pattern(args.out, int(stats['shards']))}")
 
 
+Results = Dict[str, Dict[str, Any]]  # dataset -> metric -> value, as evaluate_all returns them
 STOPPED = 3  # exit status of a run stopped on SIGTERM/SIGUSR1 after checkpointing (schedulers requeue it)
 
 
@@ -111,33 +122,108 @@ def _init(args: argparse.Namespace) -> None:
     print(f"wrote {out}; train with: mmcl train {out}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    if args.open_clip:  # a plain open_clip architecture + checkpoint file
-        model, cfg = convert.open_clip_as_mmcl(args.open_clip, args.checkpoint)
-        name, out = args.open_clip, Path(args.out or f"eval-{args.open_clip}.json")
+@dataclass(frozen=True)
+class _Model:
+    """A model named on `mmcl eval`'s command line: an mmcl checkpoint directory with its config, or an
+    open_clip architecture with a checkpoint file (its config comes with the weights, see `_load`)."""
+
+    name: str
+    path: Path  # the checkpoint directory or file
+    architecture: str = ""  # "" for an mmcl checkpoint
+    cfg: Optional[Config] = None  # an mmcl checkpoint's own config
+
+
+def _models(specs: List[str], open_clip_architecture: str) -> List[_Model]:
+    """Every model, checked before any is evaluated: mmcl configs read, open_clip files and architectures
+    found, names made distinct."""
+    if open_clip_architecture:  # the original form: `FILE --open-clip ARCH`, one file
+        if len(specs) != 1:
+            raise ConfigError("--open-clip ARCH takes one checkpoint file; name several as ARCH=FILE")
+        parsed = [(open_clip_architecture, Path(specs[0]))]
     else:
-        path = _checkpoint_dir(Path(args.checkpoint))
-        cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
-        model, name, out = None, cfg.run.name, Path(args.out) if args.out else path / "eval.json"
-    datasets = args.datasets or cfg.eval.datasets
-    if not datasets:
+        # ARCH=FILE is an open_clip file unless the whole spec names a directory (a run may have "=" in it).
+        parsed = [
+            (arch, Path(file)) if sep and arch and not Path(spec).is_dir() else ("", Path(spec))
+            for spec in specs
+            for arch, sep, file in [spec.partition("=")]
+        ]
+    models = []
+    for architecture, given in parsed:
+        if architecture:
+            if not given.is_file():
+                raise FileNotFoundError(f"open_clip checkpoint file {given} (for {architecture}) not found")
+            if open_clip.get_model_config(architecture) is None:
+                raise ConfigError(f"unknown open_clip architecture {architecture!r}; see open_clip.list_models()")
+            models.append(_Model(architecture, given, architecture))
+        else:
+            path = _checkpoint_dir(given)
+            cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
+            models.append(_Model(cfg.run.name, path, cfg=cfg))
+    names = model_names([m.name for m in models], [given for _, given in parsed])
+    return [dataclasses.replace(m, name=name) for m, name in zip(models, names, strict=True)]
+
+
+def _datasets(given: Optional[List[str]], models: List[_Model]) -> List[str]:
+    """--datasets, else the eval.datasets the mmcl runs name, if they all name the same (open_clip files
+    name none)."""
+    if given:
+        return given
+    named = [m.cfg.eval.datasets for m in models if m.cfg is not None]
+    if named and any(d != named[0] for d in named):
+        runs = ", ".join(f"{m.name}: {m.cfg.eval.datasets}" for m in models if m.cfg is not None)
+        raise ConfigError(f"the runs name different eval.datasets ({runs}): pass --datasets")
+    if not named or not named[0]:
         raise ConfigError("no datasets to evaluate: pass --datasets or set eval.datasets in the run's config")
-    device = dist.resolve_device(args.device)  # not the run's: a GPU run may be evaluated on a laptop
-    model = (
-        model.to(device).eval() if model is not None else load_model(cfg.model, checkpoints.load_weights(path), device)
-    )
+    return list(named[0])
+
+
+def _load(model: _Model, device: torch.device) -> Tuple[MultiEncoder, Config]:
+    """The model on device for evaluation, and the config whose data.fields and eval settings apply."""
+    if model.cfg is None:
+        network, cfg = convert.open_clip_as_mmcl(model.architecture, model.path)
+        return network.to(device).eval(), cfg
+    return load_model(model.cfg.model, checkpoints.load_weights(model.path), device), model.cfg
+
+
+def _evaluate(model: _Model, datasets: List[str], out: Path, device: torch.device, progress: bool) -> Optional[Results]:
+    """The model's results and its usual reports (None on a process other than 0 of a distributed run)."""
+    network, cfg = _load(model, device)
     with torch.no_grad():
-        evaluate_all(
-            model,
+        return evaluate_all(
+            network,
             datasets,
             cfg.data.fields,
             cfg.eval.batch_size,
             cfg.eval.recall_k,
             out,
             device,
-            model_name=name,
-            progress=not args.quiet,
+            model_name=model.name,
+            progress=progress,
+            probe=cfg.eval.linear_probe,
         )
+
+
+def _eval(args: argparse.Namespace) -> None:
+    models = _models(args.checkpoint, args.open_clip)
+    datasets = _datasets(args.datasets, models)
+    device = dist.resolve_device(args.device)  # not the run's: a GPU run may be evaluated on a laptop
+    dist.init_from_env(device)  # under a launcher (torchrun ...), the processes share the evaluation
+    if len(models) == 1:
+        model = models[0]
+        default = Path(f"eval-{model.architecture}.json") if model.architecture else model.path / "eval.json"
+        _evaluate(model, datasets, Path(args.out) if args.out else default, device, not args.quiet)
+        return
+    out_dir = Path(args.out or "comparison")
+    results = {
+        m.name: _evaluate(m, datasets, out_dir / file_name(m.name) / "eval.json", device, not args.quiet)
+        for m in models
+    }
+    complete = {name: r for name, r in results.items() if r is not None}
+    if len(complete) < len(results):  # not process 0: the metrics, and so the comparison, are process 0's
+        return
+    written = write_comparison(complete, out_dir)
+    print(written["comparison.md"].read_text())
+    print(f"comparison of {len(models)} models written to {out_dir}/: comparison.csv, comparison.md, charts/")
 
 
 def _checkpoint_dir(path: Path) -> Path:
@@ -187,7 +273,7 @@ def parser() -> argparse.ArgumentParser:
     commands = root.add_subparsers(dest="command", required=True)
 
     prep = commands.add_parser("prep", help="write webdataset shards")
-    prep.add_argument("source", choices=["digits", "spoken-digits", "openclipart", "folder", "manifest"])
+    prep.add_argument("source", choices=["digits", "digit-pairs", "spoken-digits", "openclipart", "folder", "manifest"])
     prep.add_argument("input", nargs="?", help="folder or manifest (.csv/.jsonl/.parquet); not for the bundled sets")
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--samples-per-shard", type=int, default=1000)
@@ -226,21 +312,34 @@ def parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser(
         "eval",
-        help="zero-shot evaluation of a checkpoint, a run directory, or an "
-        "open_clip checkpoint file (with --open-clip ARCHITECTURE)",
+        help="zero-shot evaluation of checkpoints, run directories or open_clip checkpoint files "
+        "(ARCH=FILE, or FILE --open-clip ARCH); several models: also a comparison table and charts",
     )
     evaluation.add_argument(
-        "checkpoint", help="mmcl checkpoint or run directory; with --open-clip, its checkpoint file"
+        "checkpoint",
+        nargs="+",
+        metavar="MODEL",
+        help="an mmcl checkpoint or run directory, or an open_clip architecture and checkpoint file as ARCH=FILE "
+        "(e.g. ViT-B-32=ViT-B-32.pt); with --open-clip, one checkpoint file. Several models are compared, each "
+        "named by its run.name or ARCH; two models sharing a name are told apart by their paths' stems (NAME-STEM)",
     )
     evaluation.add_argument(
-        "--datasets", nargs="*", default=None, help="dataset roots (default: the run's eval.datasets)"
+        "--datasets",
+        nargs="*",
+        default=None,
+        help="dataset roots (default: the runs' eval.datasets, when every mmcl run names the same)",
     )
-    evaluation.add_argument("--out", default="", help="results JSON (default: eval.json beside the checkpoint)")
+    evaluation.add_argument(
+        "--out",
+        default="",
+        help="one model: results JSON (default: eval.json beside the checkpoint, eval-ARCH.json for open_clip); "
+        "several: a directory for each model's reports and the comparison (default: ./comparison)",
+    )
     evaluation.add_argument(
         "--open-clip",
         default="",
         metavar="ARCHITECTURE",
-        help="evaluate an open_clip model: its architecture name (e.g. ViT-B-32)",
+        help="evaluate one open_clip checkpoint file: its architecture name (e.g. ViT-B-32); same as ARCH=FILE",
     )
     evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
     evaluation.add_argument(
