@@ -59,7 +59,9 @@ class EvalSet:
     fields: Set[str]  # the fields its samples hold ("png", "flac", "txt", ...)
     retrieval_match: str  # "sample" or "class"
     shards: List[str]  # empty for a folder dataset
-    folder_samples: Callable[[], Iterator[dict]]  # webdataset-style sample dicts (folder layout)
+    # Folder layout: webdataset-style sample dicts, each with its file's "__index__"; only the files whose
+    # index `keep` accepts are read (a process reads its own share).
+    folder_samples: Callable[..., Iterator[dict]]
     root: Path = Path(".")
 
     def labelled_split(self, split: str) -> List[str]:
@@ -127,7 +129,9 @@ def load_dataset(root: str | Path) -> EvalSet:
         if _dataset_type(root) == "retrieval":
             if match == "class":
                 raise DataError(f"{root}: retrieval_match 'class' needs class labels, which a retrieval set lacks")
-            return EvalSet(root.name, [], [], _first_sample_fields(shards[0]), match, shards, lambda: iter(()), root)
+            return EvalSet(
+                root.name, [], [], _first_sample_fields(shards[0]), match, shards, lambda keep=None: iter(()), root
+            )
         for required in ("classnames.txt", TEMPLATES_FILE):
             if not (root / required).is_file():
                 raise FileNotFoundError(f"evaluation dataset {root}: no {required}")
@@ -138,7 +142,7 @@ def load_dataset(root: str | Path) -> EvalSet:
             _first_sample_fields(shards[0]),
             match,
             shards,
-            lambda: iter(()),
+            lambda keep=None: iter(()),
             root,
         )
     own_shards = sorted(str(p) for p in root.glob("*.tar"))
@@ -153,7 +157,7 @@ def load_dataset(root: str | Path) -> EvalSet:
             _first_sample_fields(own_shards[0]),
             match,
             own_shards,
-            lambda: iter(()),
+            lambda keep=None: iter(()),
             root,
         )
     folders = _class_folders(root)
@@ -178,14 +182,16 @@ def load_dataset(root: str | Path) -> EvalSet:
     if not files:
         raise FileNotFoundError(f"evaluation dataset {root}: no image or audio files in its class folders")
 
-    def samples() -> Iterator[dict]:
-        for label, path in files:
-            yield {
-                "__key__": f"{path.parent.name}/{path.stem}",
-                "__url__": str(root),
-                path.suffix[1:].lower(): path.read_bytes(),
-                "cls": str(label).encode(),
-            }
+    def samples(keep: Callable[[int], bool] = lambda index: True) -> Iterator[dict]:
+        for index, (label, path) in enumerate(files):
+            if keep(index):
+                yield {
+                    "__key__": f"{path.parent.name}/{path.stem}",
+                    "__url__": str(root),
+                    "__index__": index,
+                    path.suffix[1:].lower(): path.read_bytes(),
+                    "cls": str(label).encode(),
+                }
 
     fields = {path.suffix[1:].lower() for _, path in files} | {"cls"}
     return EvalSet(root.name, classnames, templates or DEFAULT_TEMPLATES, fields, match, [], samples, root)

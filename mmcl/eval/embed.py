@@ -52,12 +52,11 @@ class _Part:
     skipped: int
 
 
-def _my_folder_samples(samples: Iterator[dict], rank: int, world: int) -> Iterator[dict]:
-    """This process's runs of FOLDER_CHUNK samples, each tagged with its run as its "shard"."""
-    for index, sample in enumerate(samples):
-        chunk = index // FOLDER_CHUNK
-        if chunk % world == rank:
-            yield {**sample, "__url__": f"{sample['__url__']}[{chunk}]"}
+def _my_folder_samples(folder_samples: Callable[..., Iterator[dict]], rank: int, world: int) -> Iterator[dict]:
+    """This process's runs of FOLDER_CHUNK files (only those are read), each sample tagged with its run
+    as its "shard"."""
+    for sample in folder_samples(lambda index: (index // FOLDER_CHUNK) % world == rank):
+        yield {**sample, "__url__": f"{sample['__url__']}[{sample['__index__'] // FOLDER_CHUNK}]"}
 
 
 def _embed_part(
@@ -80,8 +79,8 @@ def _embed_part(
             counts[m].append(batch.counts.get(m, torch.ones(len(batch), dtype=torch.long)))
         if labelled:
             labels.append(batch.inputs["label"])
-        for key in batch.keys:  # "<shard url>#<sample key>"
-            shard = shard_index(key.rsplit("#", 1)[0])
+        for key in batch.keys:  # "<shard url>#<sample key>"; a sample key may hold "#" itself
+            shard = shard_index(key.split("#", 1)[0])
             order.append((shard, seen.get(shard, 0)))
             seen[shard] = seen.get(shard, 0) + 1
         skipped += batch.skipped
@@ -136,7 +135,7 @@ def _gather(part: _Part, modalities: Sequence[str]) -> List[_Part]:
 def embed_split(
     model: MultiEncoder,
     shards: Sequence[str],
-    folder_samples: Callable[[], Iterator[dict]],
+    folder_samples: Callable[..., Iterator[dict]],
     inputs: Mapping[str, InputSpec],
     batch_size: int,
     device: torch.device,
@@ -151,10 +150,11 @@ def embed_split(
     model.eval()
     if shards:
         index = {url: i for i, url in enumerate(shards)}
-        batches: Iterator[Batch] = iter(build_eval_loader(list(shards[rank::world]), dict(inputs), batch_size))
+        mine = list(shards[rank::world])  # none when there are more processes than shards
+        batches: Iterator[Batch] = iter(build_eval_loader(mine, dict(inputs), batch_size)) if mine else iter(())
         shard_index: Callable[[str], int] = index.__getitem__
     else:
-        samples = _my_folder_samples(folder_samples(), rank, world)
+        samples = _my_folder_samples(folder_samples, rank, world)
         batches = batches_from_samples(samples, dict(inputs), batch_size)
         shard_index = lambda url: int(url.rsplit("[", 1)[1].rstrip("]"))  # noqa: E731
     batches = tqdm(batches, desc=desc, disable=not progress or rank != 0, leave=False)

@@ -60,7 +60,9 @@ def check_probe_config(cfg: ProbeConfig, key: str = "eval.linear_probe") -> None
         raise ConfigError(f"config key '{key}.shots': 0 samples per class leaves nothing to fit (-1: all)")
 
 
-def _inputs(model: MultiEncoder, dataset: EvalSet, fields: Mapping[str, str], labelled: bool) -> Dict[str, InputSpec]:
+def eval_inputs(
+    model: MultiEncoder, dataset: EvalSet, fields: Mapping[str, str], labelled: bool
+) -> Dict[str, InputSpec]:
     """What to read of the dataset: each modality the model embeds and the samples hold (captions as
     several rows per sample), and the class label."""
     preprocess = model.preprocessors(train=False)
@@ -100,7 +102,7 @@ def evaluate_dataset(
     probe = probe if probe is not None else ProbeConfig()
     dataset = load_dataset(root)
     classify = bool(dataset.classnames)  # a retrieval set or a plain mmcl shard set has no classes
-    inputs = _inputs(model, dataset, fields, classify)
+    inputs = eval_inputs(model, dataset, fields, classify)
     modalities = [m for m in inputs if m != "label"]
     if not [m for m in modalities if m != "text"] or (not classify and len(modalities) < 2):
         raise DataError(
@@ -111,11 +113,33 @@ def evaluate_dataset(
         model, dataset.shards, dataset.folder_samples, inputs, batch_size, device, f"eval {dataset.name}", progress
     )
     probe_split = _embed_probe_split(model, dataset, inputs, probe, batch_size, device, progress) if classify else None
-    if dist.rank() != 0:
-        return None
+    # Process 0 computes the metrics while the others wait in the vote below, so an error there (a class
+    # with too few samples for the probe, ...) stops every process instead of leaving them in a collective.
+    result, error = None, None
+    if dist.rank() == 0:
+        try:
+            result = _metrics(model, dataset, split, probe_split, probe, recall_k, device)
+        except Exception as raised:  # re-raised below, unchanged
+            error = raised
+    if dist.any_rank(error is not None):
+        if error is not None:
+            raise error
+        raise DataError(f"{root}: the evaluation failed on process 0 (its output says why)")
+    return result
+
+
+def _metrics(
+    model: MultiEncoder,
+    dataset: EvalSet,
+    split: Embedded,
+    probe_split: Optional[Embedded],
+    probe: ProbeConfig,
+    recall_k: Sequence[int],
+    device: torch.device,
+) -> DatasetResult:
     metrics: Dict[str, Any] = {}
     confusion: Dict[str, torch.Tensor] = {}
-    if classify:
+    if dataset.classnames:
         tokenize = model.preprocessors(train=False)["text"]
         classifier = class_embeddings(model, tokenize, dataset.classnames, dataset.templates, device).float().cpu()
         confusion = _classify(split, classifier, len(dataset.classnames), metrics)
