@@ -7,6 +7,7 @@ so nothing from a shard is unpickled.
 
 from __future__ import annotations
 
+import json
 import io
 import warnings
 from typing import Callable, Dict, Mapping, Sequence, Tuple
@@ -89,18 +90,34 @@ DECODERS: Dict[str, Tuple[frozenset, Callable[[bytes], object]]] = {
 
 
 def check_fields(kind: str, fields: Sequence[str]) -> None:
-    """Fail early when a configured shard field could never be decoded as `kind`."""
+    """Fail early when a configured shard field could never be decoded as `kind`. A field may name a key
+    of a JSON field ("json:caption", as img2dataset writes its metadata)."""
     allowed, _ = DECODERS[kind]
     for name in fields:
-        if name.rsplit(".", 1)[-1] not in allowed:
+        field, _, key = name.partition(":")
+        if key and field.rsplit(".", 1)[-1] != "json":
+            raise DataError(f"field {name!r}: only a json field has keys (e.g. json:caption)")
+        if field.rsplit(".", 1)[-1] not in allowed:
             raise DataError(f"field {name!r} cannot hold {kind} data; allowed extensions: {', '.join(sorted(allowed))}")
+
+
+def _json_value(data: bytes, key: str) -> bytes:
+    """The string (or number) under `key` of a JSON object, as UTF-8 bytes. JSON only: nothing is unpickled."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SampleError("json field is not valid JSON") from None
+    if not isinstance(value, dict) or not isinstance(value.get(key), (str, int)):
+        raise SampleError(f"json field has no text or number under {key!r}")
+    return str(value[key]).encode()
 
 
 def decode_field(sample: Mapping[str, object], kind: str, fields: Sequence[str]) -> object:
     """Decode the first of `fields` present in `sample` as `kind`; SampleError if none is usable."""
     _, decoder = DECODERS[kind]
     for name in fields:
-        data = sample.get(name)
+        field, _, key = name.partition(":")
+        data = sample.get(field)
         if data is not None:
-            return decoder(data)  # type: ignore[arg-type]
+            return decoder(_json_value(data, key) if key else data)  # type: ignore[arg-type]
     raise SampleError(f"no {kind} field (looked for {', '.join(fields)})")

@@ -68,7 +68,7 @@ def eval_inputs(
     preprocess = model.preprocessors(train=False)
     inputs = {"label": InputSpec("label", ["cls"], torch.tensor)} if labelled else {}
     for modality in model.modalities:
-        present = [f for f in parse_fields(fields.get(modality, "")) if f in dataset.fields]
+        present = [f for f in parse_fields(fields.get(modality, "")) if f.partition(":")[0] in dataset.fields]
         kind = model.tower(modality).input_kind
         if present and kind == "text":
             inputs[modality] = InputSpec(kind, present, captions_of(preprocess[modality]), ragged=True)
