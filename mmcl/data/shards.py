@@ -7,9 +7,24 @@ import random
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import fsspec
 import webdataset as wds
+from webdataset.gopen import gopen_schemes
 
 from mmcl.errors import ConfigError, DataError
+
+# URL schemes webdataset does not open itself, opened through fsspec (its s3fs, gcsfs, adlfs plugins,
+# which the user installs for the storage they use; `memory://` is fsspec's own). webdataset keeps its
+# own `pipe:`, http(s), `gs://` (gsutil) and `hf://`.
+FSSPEC_SCHEMES = ("s3", "gcs", "az", "abfs", "abfss", "oci", "memory")
+
+
+def _fsspec_open(url: str, mode: str = "rb", bufsize: int = 8192, **kwargs: object) -> object:
+    return fsspec.open(url, mode).open()
+
+
+for _scheme in FSSPEC_SCHEMES:
+    gopen_schemes.setdefault(_scheme, _fsspec_open)
 
 
 def expand_urls(urls: str) -> List[str]:
