@@ -149,6 +149,15 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def sum_over_ranks(counts: list) -> list:
+    """Elementwise sum of every process's list of integer counts (the same length on each)."""
+    if not is_distributed():
+        return list(counts)
+    total = torch.tensor(counts, dtype=torch.int64, device=collective_device())
+    dist.all_reduce(total, op=dist.ReduceOp.SUM)
+    return [int(n) for n in total.tolist()]
+
+
 def all_gather_object(obj: object) -> list:
     """Every process's value of a small picklable object, in rank order (torch moves its bytes to the
     current GPU under NCCL)."""

@@ -35,6 +35,11 @@ def expand_urls(urls: str) -> List[str]:
     return expanded
 
 
+def source_of_shards(urls: str) -> Dict[str, int]:
+    """Each shard URL -> the index of its source (the "::"-separated parts of `urls`, in order)."""
+    return {shard: i for i, part in enumerate(urls.split("::")) if part for shard in expand_urls(part)}
+
+
 def check_local_shards(urls: str, key: str) -> None:
     """A ConfigError naming `key` when a local shard the URLs name is not a file (URLs with a scheme or
     a `pipe:` command are left to the stream, which skips and counts what it cannot read)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from mmcl import dist
 from mmcl.data import Batch
@@ -22,6 +22,7 @@ class RunState:
     nonfinite_steps: int = 0  # steps with a NaN/Inf loss or gradient (their updates were skipped)
     nonfinite_in_a_row: int = 0
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))  # the trackers' (W&B) id of this run
+    samples_per_source: List[int] = field(default_factory=list)  # by every process, per "::" source of data.train
 
     def advance(self, batch: Batch, metrics: Dict[str, float]) -> None:
         bad = metrics.get("nonfinite", 0.0) > 0 or not math.isfinite(metrics["loss"])
@@ -30,6 +31,12 @@ class RunState:
         self.samples_skipped += batch.skipped
         self.nonfinite_steps += int(bad)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
+
+    def count_sources(self, drawn: List[int]) -> None:
+        """Add one step's samples per source (summed over the processes)."""
+        if not self.samples_per_source:
+            self.samples_per_source = [0] * len(drawn)
+        self.samples_per_source = [a + b for a, b in zip(self.samples_per_source, drawn, strict=True)]
 
     @classmethod
     def from_meta(cls, meta: Dict[str, Any]) -> "RunState":

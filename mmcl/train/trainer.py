@@ -24,6 +24,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.init_from import load_initial_weights
 from mmcl.config import Config, RunConfig, parse_fields
 from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
+from mmcl.data.shards import source_of_shards
 from mmcl.eval.datasets import check_dataset
 from mmcl.eval.suite import evaluate_all
 from mmcl.eval.zeroshot import check_probe_config
@@ -136,6 +137,8 @@ class Trainer:
             cfg.run.seed,
             start=position,
         )
+        self.source_of_shard = source_of_shards(cfg.data.train)
+        self.sources = max(self.source_of_shard.values()) + 1
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
@@ -193,9 +196,18 @@ class Trainer:
         loss_fn = partial(self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step))
         metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
         self.state.advance(batch, metrics)
+        self.state.count_sources(dist.sum_over_ranks(self.drawn_per_source(batch)))
         metrics["nonfinite_steps"] = self.state.nonfinite_steps
+        metrics.update({f"samples_source{i}": n for i, n in enumerate(self.state.samples_per_source)})
         check_health(self.state, self.cfg.optim.max_nonfinite_steps, self.cfg.data.max_skipped_fraction)
         return metrics
+
+    def drawn_per_source(self, batch: Batch) -> list:
+        """This process's samples of the batch from each source of data.train."""
+        drawn = [0] * self.sources
+        for key in batch.keys:  # "<shard url>#<sample key>"
+            drawn[self.source_of_shard[key.split("#", 1)[0]]] += 1
+        return drawn
 
     def checkpoint(self, force: bool = False) -> None:
         """Collective: a checkpoint every run.checkpoint_every steps, at the last step, or when `force`d."""
