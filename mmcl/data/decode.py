@@ -89,6 +89,11 @@ DECODERS: Dict[str, Tuple[frozenset, Callable[[bytes], object]]] = {
 }
 
 
+def shard_field(name: str) -> str:
+    """The shard field a configured field reads: "json" for "json:caption", else the name itself."""
+    return name.partition(":")[0]
+
+
 def check_fields(kind: str, fields: Sequence[str]) -> None:
     """Fail early when a configured shard field could never be decoded as `kind`. A field may name a key
     of a JSON field ("json:caption", as img2dataset writes its metadata)."""

@@ -19,7 +19,7 @@ import webdataset as wds
 
 from mmcl.config import DataConfig, parse_fields
 from mmcl.data.batch import Batch
-from mmcl.data.decode import SampleError, check_fields, decode_field
+from mmcl.data.decode import SampleError, check_fields, decode_field, shard_field
 from mmcl.data.shards import check_local_shards, expand_urls, shard_order
 from mmcl.errors import ConfigError, DataError
 
@@ -112,7 +112,7 @@ def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Opti
     """modality -> preprocessed tensor, or None for an optional modality the sample lacks."""
     tensors: Dict[str, Optional[torch.Tensor]] = {}
     for modality, spec in inputs.items():
-        if spec.placeholder is not None and not any(name.partition(":")[0] in sample for name in spec.fields):
+        if spec.placeholder is not None and not any(shard_field(name) in sample for name in spec.fields):
             tensors[modality] = None
         else:
             tensors[modality] = spec.preprocess(decode_field(sample, spec.kind, spec.fields))

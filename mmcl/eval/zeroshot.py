@@ -14,6 +14,7 @@ import torch
 from mmcl import dist
 from mmcl.config import ProbeConfig, parse_fields
 from mmcl.data import InputSpec
+from mmcl.data.decode import shard_field
 from mmcl.errors import ConfigError, DataError
 from mmcl.eval.datasets import EvalSet, load_dataset
 from mmcl.eval.embed import Embedded, embed_split
@@ -68,7 +69,7 @@ def eval_inputs(
     preprocess = model.preprocessors(train=False)
     inputs = {"label": InputSpec("label", ["cls"], torch.tensor)} if labelled else {}
     for modality in model.modalities:
-        present = [f for f in parse_fields(fields.get(modality, "")) if f.partition(":")[0] in dataset.fields]
+        present = [f for f in parse_fields(fields.get(modality, "")) if shard_field(f) in dataset.fields]
         kind = model.tower(modality).input_kind
         if present and kind == "text":
             inputs[modality] = InputSpec(kind, present, captions_of(preprocess[modality]), ragged=True)
