@@ -4,8 +4,9 @@ Speech is synthesised here by the espeak-ng text-to-speech engine (a Debian pack
 an accent x a voice variant, read at a seeded random speed and pitch, so the set is reproducible.
 Two variants are held out: their voices (in every accent) are heard only in evaluation.
 
-train/  image-text samples (png, txt) and audio-text samples (flac, txt), interleaved; images and
-        audio never share a sample, so any image-audio alignment is emergent, learnt through text.
+train/image_text/  image-text samples (png, txt); train/audio_text/  audio-text samples (flac, txt): two
+        sources a config mixes by weight. Images and audio never share a sample, so any image-audio
+        alignment is emergent, learnt through text.
 test/   held-out images and held-out voices, one of each per sample, paired by digit only:
         png, flac, txt (a caption), cls (the label); plus classnames.txt, the prompt templates and
         dataset.json, which says retrieval counts a hit on any item of the query's class.
@@ -129,28 +130,17 @@ def prepare_spoken_digits(
             )
         )
 
-    train_samples: List[Dict[str, Any]] = []
-    for index in train_idx:
-        label, image = int(digits.target[index]), png_bytes(digits.images[index])
-        for k, template in enumerate(rng.sample(IMAGE_CAPTIONS, captions_per_image)):
-            train_samples.append({"__key__": f"digit{index:04d}_{k}", "png": image, "txt": fill(template, label)})
-    for utterance in train_speech:
-        train_samples.append(
-            {
-                "__key__": utterance.key,
-                "flac": audio[utterance],
-                "txt": fill(rng.choice(AUDIO_CAPTIONS), utterance.digit),
-            }
-        )
-    rng.shuffle(train_samples)  # mix image-text and audio-text samples in every shard
-    with ShardSetWriter(out_dir / "train", samples_per_shard) as train:
-        for sample in train_samples:
-            train.write(sample)
-        train.extra_stats = {
-            "images": len(train_idx),
-            "clips": len(train_speech),
-            "voices": sorted({u.voice for u in train_speech}),
-        }
+    with ShardSetWriter(out_dir / "train" / "image_text", samples_per_shard) as image_text:
+        for index in train_idx:
+            label, image = int(digits.target[index]), png_bytes(digits.images[index])
+            for k, template in enumerate(rng.sample(IMAGE_CAPTIONS, captions_per_image)):
+                image_text.write({"__key__": f"digit{index:04d}_{k}", "png": image, "txt": fill(template, label)})
+        image_text.extra_stats = {"images": len(train_idx)}
+    with ShardSetWriter(out_dir / "train" / "audio_text", samples_per_shard) as audio_text:
+        for utterance in train_speech:
+            caption = fill(rng.choice(AUDIO_CAPTIONS), utterance.digit)
+            audio_text.write({"__key__": utterance.key, "flac": audio[utterance], "txt": caption})
+        audio_text.extra_stats = {"clips": len(train_speech), "voices": sorted({u.voice for u in train_speech})}
 
     # Each held-out image is paired with a held-out-voice clip of its digit.
     clips_by_digit: Dict[int, List[Utterance]] = {d: [u for u in test_speech if u.digit == d] for d in range(10)}
@@ -179,7 +169,8 @@ def prepare_spoken_digits(
     (out_dir / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
     (out_dir / "dataset.json").write_text(json.dumps({"retrieval_match": "class"}, indent=1) + "\n")
     return {
-        "train": train.sizes,
+        "train_image_text": image_text.sizes,
+        "train_audio_text": audio_text.sizes,
         "test": test.sizes,
         "train_clips": len(train_speech),
         "test_clips": len(test_speech),

@@ -62,10 +62,12 @@ def _prep(args: argparse.Namespace) -> None:
         )
         print(
             f"spoken digits: {summary['train_images']} training images and {summary['train_clips']} clips "
-            f"({sum(summary['train'].values())} samples); {summary['test_images']} held-out images paired "
-            f"with clips of {summary['test_voices']} held-out voices"
+            f"({sum(summary['train_image_text'].values()) + sum(summary['train_audio_text'].values())} samples); "
+            f"{summary['test_images']} held-out images paired with clips of {summary['test_voices']} held-out voices"
         )
-        print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
+        for name in ("image_text", "audio_text"):
+            shards = brace_pattern(Path(args.out) / "train" / name, len(summary[f"train_{name}"]))
+            print(f"train shards ({name}): {shards}")
         return
     if args.source == "openclipart":
         summary = prepare_openclipart(

@@ -14,7 +14,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, get_args, get_origin, get_type_hints
 
 import yaml
 from omegaconf import MISSING, OmegaConf
@@ -63,8 +63,27 @@ class RunConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One weighted source of training samples (an item of data.sources)."""
+
+    urls: str = MISSING  # shard URLs, brace notation
+    weight: float = at_least(1.0, 0.0)  # its share of the samples drawn, relative to the others' weights
+    fields: Dict[str, str] = field(default_factory=dict)  # modality -> its shard fields, where not data.fields
+    # The modalities its samples hold ([audio, text]); empty: every tower's. A batch fills the others of
+    # its samples with placeholders, left out of the loss.
+    modalities: List[str] = field(default_factory=list)
+
+
+@dataclass
 class DataConfig:
-    train: str = MISSING  # shard URLs, brace notation; several sources joined by "::"
+    # Shard URLs, brace notation; several sources joined by "::" are read in proportion to their size,
+    # every shard once an epoch. Or data.sources, not both.
+    train: str = ""
+    sources: List[SourceConfig] = field(default_factory=list)  # sources mixed by weight, sample by sample
+    resampled: bool = False  # draw shards with replacement, endlessly (open_clip's --dataset-resampled)
+    # A mixed (data.sources) or resampled epoch's length in samples, over all processes: the unit a resume
+    # replays. 0: the samples the shards' sizes.json files list.
+    epoch_samples: int = at_least(0, 0)
     batch_size: int = at_least(64, 1)  # per process
     workers: int = at_least(2, 0)
     shuffle_buffer: int = at_least(1000, 0)
@@ -186,11 +205,15 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     try:
         merged = OmegaConf.structured(Config)
         if path is not None:
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
+            layer = OmegaConf.load(path)
+            _check_list_items(OmegaConf.to_container(layer), Config)
+            merged = OmegaConf.merge(merged, layer)
         for item in overrides:
             if "=" not in item:
                 raise ConfigError(f"override {item!r} is not of the form key.sub=value")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        layer = OmegaConf.from_dotlist(list(overrides))
+        _check_list_items(OmegaConf.to_container(layer), Config)
+        merged = OmegaConf.merge(merged, layer)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
             raise ConfigError(f"missing required config value(s): {', '.join(missing)}")
@@ -204,6 +227,27 @@ def load(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> Co
     return config
 
 
+def _check_list_items(node: Any, schema: type, prefix: str = "") -> None:
+    """The items of a list of sections (data.sources) checked one by one, so that an unknown key or a wrong
+    type is named with its path and index (OmegaConf names them without either)."""
+    if not isinstance(node, dict):
+        return
+    hints = get_type_hints(schema)
+    for name, value in node.items():
+        hint = hints.get(name)
+        if dataclasses.is_dataclass(hint):
+            _check_list_items(value, hint, f"{prefix}{name}.")  # type: ignore[arg-type]
+        elif get_origin(hint) is list and dataclasses.is_dataclass(get_args(hint)[0]) and isinstance(value, list):
+            for index, item in enumerate(value):
+                if not isinstance(item, dict):
+                    raise ConfigError(f"config key '{prefix}{name}[{index}]': a mapping of settings, got {item!r}")
+                try:
+                    OmegaConf.merge(OmegaConf.structured(get_args(hint)[0]), item)
+                except OmegaConfBaseException as error:
+                    key = f"{prefix}{name}[{index}].{getattr(error, 'full_key', '')}".rstrip(".")
+                    raise ConfigError(f"config key {key!r}: {getattr(error, 'msg', error)}") from None
+
+
 def check_values(node: Any, prefix: str = "") -> None:
     """Every field's declared `choices` and `minimum`, through the whole tree."""
     for spec in dataclasses.fields(node):
@@ -213,6 +257,9 @@ def check_values(node: Any, prefix: str = "") -> None:
         elif isinstance(value, dict) and all(dataclasses.is_dataclass(v) for v in value.values()):
             for name, child in value.items():
                 check_values(child, f"{key}.{name}.")
+        elif isinstance(value, list) and value and all(dataclasses.is_dataclass(v) for v in value):
+            for index, child in enumerate(value):
+                check_values(child, f"{key}[{index}].")
         elif "each_of" in spec.metadata and any(item not in spec.metadata["each_of"] for item in value):
             raise ConfigError(
                 f"config key {key!r}: {value!r} holds something other than {', '.join(spec.metadata['each_of'])}"

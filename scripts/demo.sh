@@ -6,7 +6,7 @@ source "$(dirname "$0")/env.sh" base
 demo="${1:-spoken_digits}"
 case "$demo" in
     digits) [ -f data/digits/train/sizes.json ] || mmcl prep digits --out data/digits ;;
-    spoken_digits) [ -f data/spoken_digits/train/sizes.json ] || mmcl prep spoken-digits --out data/spoken_digits ;;
+    spoken_digits) [ -f data/spoken_digits/train/audio_text/sizes.json ] || mmcl prep spoken-digits --out data/spoken_digits ;;
     *) echo "unknown demo '$demo': digits or spoken_digits" >&2; exit 2 ;;
 esac
 # run.resume=latest: a second demo run continues (here: re-evaluates) the finished run instead of failing.

@@ -114,9 +114,46 @@ def test_audio_and_missing_modality_errors_are_named(overrides, key):
     load_and_check(tiny_overrides(str(SHARD)) + AUDIO + ["data.optional_modalities=[image,audio]"])
 
 
-def test_missing_required_value():
-    with pytest.raises(ConfigError, match=r"data\.train"):
-        config_lib.load(None, [])
+def test_training_data_is_required():
+    with pytest.raises(ConfigError, match=r"data\.train.*neither is set"):
+        load_and_check(tiny_overrides("''"))
+
+
+def sources(*items):
+    return "data.sources=[" + ",".join("{" + ",".join(f"{k}: {v}" for k, v in i.items()) + "}" for i in items) + "]"
+
+
+IMAGE_TEXT = {"urls": str(SHARD), "weight": 0.5}
+
+
+@pytest.mark.parametrize(
+    "overrides, key, named",
+    [
+        ([sources(IMAGE_TEXT)], "data.train", "not both"),
+        (["data.train=''", sources({**IMAGE_TEXT, "weight": 0})], "data.sources[0].weight", "above 0"),
+        (["data.train=''", sources({**IMAGE_TEXT, "weight": -1})], "data.sources[0].weight", "at least 0"),
+        (["data.train=''", sources({**IMAGE_TEXT, "modalities": "[image, audio]"})], "data.sources[0]", "'audio'"),
+        (["data.train=''", sources({**IMAGE_TEXT, "modalities": "[image]"})], "data.sources[0].modalities", "two"),
+        (["data.train=''", sources(IMAGE_TEXT, {"urls": "/nowhere/a.tar"})], "data.sources[1].urls", "/nowhere/a.tar"),
+        (
+            ["data.train=''", sources({**IMAGE_TEXT, "fields": "{text: png}"})],
+            "data.sources[0].fields.text",
+            "cannot hold text",
+        ),
+        (["data.train=''", sources({**IMAGE_TEXT, "fieldz": "{}"})], "data.sources[0].fieldz", ""),
+        (["data.train=''", sources({**IMAGE_TEXT, "weight": "many"})], "data.sources[0].weight", "many"),
+        (["data.train=''", "data.sources=[3]"], "data.sources[0]", "a mapping"),
+        (["data.train=pipe:cat a.tar", "data.resampled=true"], "data.epoch_samples", "sizes.json"),
+    ],
+)
+def test_source_errors_are_named(overrides, key, named):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}'") + ".*" + re.escape(named)):
+        load_and_check(tiny_overrides(str(SHARD)) + overrides)
+
+
+def test_sources_with_an_epoch_length_pass_the_checks():
+    image_text = {**IMAGE_TEXT, "fields": "{text: 'json:caption'}"}
+    load_and_check(tiny_overrides("''") + [sources(IMAGE_TEXT, image_text), "data.epoch_samples=1000"])
 
 
 def test_yaml_round_trip():

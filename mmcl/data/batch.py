@@ -16,6 +16,7 @@ class Batch:
     present: Dict[str, torch.Tensor] = field(default_factory=dict)  # modality -> (B,) bool: not a placeholder
     # A ragged modality (several rows per sample): modality -> (B,) rows of each sample, in order.
     counts: Dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: List[int] = field(default_factory=list)  # each sample's training source (index in the config)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
-from itertools import count
+from dataclasses import dataclass, replace
+from itertools import count, islice
 from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
@@ -20,7 +20,8 @@ import webdataset as wds
 from mmcl.config import DataConfig, parse_fields
 from mmcl.data.batch import Batch
 from mmcl.data.decode import SampleError, check_fields, decode_field, shard_field
-from mmcl.data.shards import check_local_shards, expand_urls, shard_order
+from mmcl.data.shards import expand_urls, shard_order, source_of_shards
+from mmcl.data.sources import Mixing, check_sources, epoch_samples, mixed_samples, slot_batches, training_sources
 from mmcl.errors import ConfigError, DataError
 
 log = logging.getLogger("mmcl.data")
@@ -48,22 +49,29 @@ class InputSpec:
 def check_data_config(cfg: DataConfig, kinds: Mapping[str, str], key: str = "data") -> None:
     """A ConfigError naming the key for data settings the towers cannot be fed from, or for local
     training shards that do not exist. `kinds`: each tower's modality -> what it reads (image, ...)."""
-    check_local_shards(cfg.train, f"{key}.train")
     modalities = list(kinds)
-    for modality, kind in kinds.items():
-        if modality not in cfg.fields:
-            raise ConfigError(f"config key '{key}.fields': no shard field given for tower modality {modality!r}")
-        fields = parse_fields(cfg.fields[modality])
-        if not fields:
-            raise ConfigError(f"config key '{key}.fields.{modality}': names no shard field")
-        try:
-            check_fields(kind, fields)
-        except DataError as error:
-            raise ConfigError(f"config key '{key}.fields.{modality}': {error}") from None
+    check_sources(cfg, modalities)
+    field_settings = [(f"{key}.fields", cfg.fields, modalities)] + [
+        (f"{key}.sources[{i}].fields", {**cfg.fields, **s.fields}, s.modalities or modalities)
+        for i, s in enumerate(cfg.sources)
+    ]
+    for fields_key, fields, read in field_settings:
+        for modality in read:
+            if modality not in fields:
+                raise ConfigError(f"config key '{fields_key}': no shard field given for tower modality {modality!r}")
+            names = parse_fields(fields[modality])
+            if not names:
+                raise ConfigError(f"config key '{fields_key}.{modality}': names no shard field")
+            try:
+                check_fields(kinds[modality], names)
+            except DataError as error:
+                raise ConfigError(f"config key '{fields_key}.{modality}': {error}") from None
     for modality in cfg.optional_modalities:
         if modality not in modalities:
             raise ConfigError(f"config key '{key}.optional_modalities': {modality!r} is not a tower "
                               f"({', '.join(sorted(modalities))})")
+    if cfg.sources or cfg.resampled:
+        epoch_samples(cfg, training_sources(cfg, modalities))  # the epoch's length is known
 
 
 class SkipLog:
@@ -87,20 +95,24 @@ class SkipLog:
 
 
 def _decode_and_batch(
-    samples: Iterator[dict], inputs: Dict[str, InputSpec], batch_size: int, partial: bool, skips: SkipLog
+    samples: Iterator[dict], inputs: Dict[str, InputSpec], batch_size: int, partial: bool, skips: SkipLog,
+    source_inputs: Sequence[Dict[str, InputSpec]] = (),
 ) -> Iterator[Batch]:
+    """`source_inputs`: what each source's samples hold and through which fields (a sample's `__source__`
+    picks one); without them, every sample is read as `inputs` says."""
     buffer: List[tuple] = []
     for sample in samples:
         where = f"{sample.get('__url__', '?')}#{sample.get('__key__', '?')}"
+        source = sample.get("__source__", 0)
         try:
-            tensors = _decode_sample(sample, inputs)
+            tensors = _decode_sample(sample, source_inputs[source] if source_inputs else inputs)
         except SampleError as error:
             skips.skip(where, str(error))
             continue
         except Exception as error:  # a transform failing on odd data (tiny or huge image) is bad data too
             skips.skip(where, f"{type(error).__name__}: {error}")
             continue
-        buffer.append((where, tensors))
+        buffer.append((where, source, tensors))
         if len(buffer) == batch_size:
             yield _collate(buffer, inputs, skips.take())
             buffer = []
@@ -109,7 +121,8 @@ def _decode_and_batch(
 
 
 def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Optional[torch.Tensor]]:
-    """modality -> preprocessed tensor, or None for an optional modality the sample lacks."""
+    """modality -> preprocessed tensor, or None for an optional modality the sample lacks (a modality its
+    source does not hold is not in `inputs`, and so not in the result)."""
     tensors: Dict[str, Optional[torch.Tensor]] = {}
     for modality, spec in inputs.items():
         if spec.placeholder is not None and not any(shard_field(name) in sample for name in spec.fields):
@@ -126,7 +139,7 @@ def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Opti
 def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> Batch:
     batch_inputs, present, counts = {}, {}, {}
     for modality, spec in inputs.items():
-        rows: List[Optional[torch.Tensor]] = [tensors[modality] for _, tensors in items]
+        rows: List[Optional[torch.Tensor]] = [tensors.get(modality) for _, _, tensors in items]
         if spec.ragged:
             batch_inputs[modality] = torch.cat(rows)  # type: ignore[arg-type]  # (sum K, ...)
             counts[modality] = torch.tensor([len(row) for row in rows])  # type: ignore[arg-type]  # (B,)
@@ -135,14 +148,16 @@ def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> 
         present[modality] = torch.tensor([row is not None for row in rows])  # (B,) bool
         filled = [row if row is not None else spec.placeholder for row in rows]  # a None row has a placeholder
         batch_inputs[modality] = torch.stack(filled)  # type: ignore[arg-type]  # (B, ...)
-    keys = [where for where, _ in items]
-    return Batch(inputs=batch_inputs, keys=keys, skipped=skipped, present=present, counts=counts)
+    keys = [where for where, _, _ in items]
+    sources = [source for _, source, _ in items]
+    return Batch(inputs=batch_inputs, keys=keys, skipped=skipped, present=present, counts=counts, sources=sources)
 
 
 def _pipeline(
     urls: List[str], inputs: Dict[str, InputSpec], batch_size: int, seed: int, epoch: int,
-    shuffle_buffer: int, partial: bool, split_by_node: bool = True,
+    shuffle_buffer: int, partial: bool, split_by_node: bool = True, source_of: Mapping[str, int] = {},
 ) -> wds.DataPipeline:
+    """Every shard once, split over processes and workers. `source_of`: shard -> its source's index."""
     skips = SkipLog()
     ordered = shard_order(urls, seed, epoch) if shuffle_buffer else urls
     node_split = [wds.split_by_node] if split_by_node else []
@@ -150,8 +165,28 @@ def _pipeline(
               wds.tarfile_to_samples(handler=skips.tar_error)]
     if shuffle_buffer:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
+    if source_of:
+        stages.append(wds.map(lambda sample: {**sample, "__source__": source_of[sample["__url__"]]}))
     stages.append(lambda samples: _decode_and_batch(samples, inputs, batch_size, partial, skips))
     return wds.DataPipeline(*stages)
+
+
+def _mixed_pipeline(
+    mixing: Mixing, inputs: Dict[str, InputSpec], batch_size: int, seed: int, epoch: int, shuffle_buffer: int
+) -> wds.DataPipeline:
+    """One epoch of the mixed stream in this slot: samples drawn by weight from the sources, each decoded
+    as its source says; modalities a source lacks take their placeholders."""
+    skips = SkipLog()
+    source_inputs = [
+        {m: replace(inputs[m], fields=fields) for m, fields in source.fields.items()} for source in mixing.sources
+    ]
+    return wds.DataPipeline(
+        lambda: mixed_samples(mixing, seed, epoch, shuffle_buffer, skips.tar_error),
+        lambda samples: islice(
+            _decode_and_batch(samples, inputs, batch_size, False, skips, source_inputs),
+            slot_batches(mixing, batch_size),
+        ),
+    )
 
 
 def _seeded_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator[dict]], Iterator[dict]]:
@@ -165,18 +200,23 @@ def _seeded_shuffle(bufsize: int, seed: int, epoch: int) -> Callable[[Iterator[d
 
 
 class TrainStream:
-    """Endless batches for training: epoch after epoch over the shards, each epoch in a new seeded order.
+    """Endless batches for training, epoch after epoch, each epoch in a new seeded order: every shard once
+    an epoch (data.train), or, given a `mixing`, epochs of a fixed length drawn by weight from several
+    sources or with replacement (sources.py).
 
     The stream's position is (epoch, batches taken in it); `position` reports it and the constructor's
     `start` resumes from it exactly: the epoch is rebuilt with the same seeds and the batches already
-    taken are drawn again and dropped. Every random choice of the data (shuffle buffers, augmentation)
-    comes from seeds of (seed, epoch, rank, worker), never from the training process's RNG, so a
-    resumed stream yields the very batches the uninterrupted one would have.
+    taken are drawn again and dropped. Every random choice of the data (shard orders and draws, source
+    choices, shuffle buffers, augmentation) comes from seeds of (seed, epoch, rank, worker), never from
+    the training process's RNG, so a resumed stream yields the very batches the uninterrupted one would
+    have.
     """
 
     def __init__(self, urls: str, inputs: Dict[str, InputSpec], batch_size: int, workers: int,
-                 shuffle_buffer: int, seed: int, start: tuple = (0, 0)) -> None:
-        self.urls = expand_urls(urls)
+                 shuffle_buffer: int, seed: int, start: tuple = (0, 0), mixing: Optional[Mixing] = None) -> None:
+        self.urls = expand_urls(urls) if mixing is None else [s for src in mixing.sources for s in src.shards]
+        self.source_of = source_of_shards(urls) if mixing is None else {}
+        self.mixing = mixing
         self.inputs = inputs
         self.batch_size = batch_size
         self.workers = workers
@@ -202,8 +242,12 @@ class TrainStream:
             skip = 0
 
     def _epoch_batches(self, epoch: int) -> Iterator[Batch]:
-        pipeline = _pipeline(self.urls, self.inputs, self.batch_size, self.seed, epoch,
-                             self.shuffle_buffer, partial=False)
+        if self.mixing is None:
+            pipeline = _pipeline(self.urls, self.inputs, self.batch_size, self.seed, epoch,
+                                 self.shuffle_buffer, partial=False, source_of=self.source_of)
+        else:
+            pipeline = _mixed_pipeline(self.mixing, self.inputs, self.batch_size, self.seed, epoch,
+                                       self.shuffle_buffer)
         rank = wds.utils.pytorch_worker_info()[0]
         # Augmentations draw from torch's RNG: seed it per (seed, epoch, rank), apart from the model's.
         data_seed = hash((self.seed, epoch, rank)) % 2 ** 62

@@ -102,7 +102,7 @@ class ContrastiveLoss(nn.Module):
         if optional and not cls.takes_missing:
             raise ConfigError(
                 f"config key '{key}.name': {cfg.name!r} cannot score batches with missing modalities "
-                "(data.optional_modalities is set)"
+                "(data.optional_modalities, or a source of data.sources lacking a tower's modality)"
             )
 
     def pairs(self, modalities: List[str]) -> List[Tuple[str, str, float]]:

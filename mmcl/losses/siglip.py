@@ -52,7 +52,7 @@ class SigLIP(ContrastiveLoss):
         if optional and cfg.siglip_exchange == "ring":
             raise ConfigError(
                 f"config key '{key}.name': siglip with siglip_exchange=ring cannot score batches "
-                "with missing modalities (data.optional_modalities is set); use gather"
+                "with missing modalities (data.optional_modalities, or a source lacking one); use gather"
             )
 
     def pair_loss(self, pair: PairInputs) -> torch.Tensor:

@@ -24,7 +24,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.init_from import load_initial_weights
 from mmcl.config import Config, RunConfig, parse_fields
 from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
-from mmcl.data.shards import source_of_shards
+from mmcl.data.sources import build_mixing, optional_modalities, training_sources
 from mmcl.eval.datasets import check_dataset
 from mmcl.eval.suite import evaluate_all
 from mmcl.eval.zeroshot import check_probe_config
@@ -48,7 +48,7 @@ def check_config(cfg: Config) -> None:
     modalities = list(cfg.model.towers)
     check_model_config(cfg.model)
     check_data_config(cfg.data, {m: TOWERS.get(t.type).input_kind for m, t in cfg.model.towers.items()})
-    check_loss_config(cfg.loss, modalities, cfg.data.optional_modalities)
+    check_loss_config(cfg.loss, modalities, optional_modalities(cfg.data, modalities))
     check_engine_config(cfg.engine, modalities, cfg.data.batch_size)
     check_trackers(cfg.run)
     check_probe_config(cfg.eval.linear_probe)
@@ -98,12 +98,13 @@ def stream_inputs(model: MultiEncoder, cfg: Config) -> Dict[str, InputSpec]:
     """What the stream must produce: one input per tower, read from the configured shard fields, with a
     placeholder for each modality a sample may lack."""
     preprocess = model.preprocessors(train=True)
+    optional = optional_modalities(cfg.data, model.modalities)
     return {
         m: InputSpec(
             model.tower(m).input_kind,
             parse_fields(cfg.data.fields[m]),
             preprocess[m],
-            model.tower(m).placeholder() if m in cfg.data.optional_modalities else None,
+            model.tower(m).placeholder() if m in optional else None,
         )
         for m in model.modalities
     }
@@ -128,6 +129,7 @@ class Trainer:
         self.state, position = RunState(), (0, 0)
         if resume_from is not None:
             position = self._resume(resume_from)
+        sources = training_sources(cfg.data, self.engine.model.modalities)
         self.stream = TrainStream(
             cfg.data.train,
             stream_inputs(self.engine.model, cfg),
@@ -136,9 +138,10 @@ class Trainer:
             cfg.data.shuffle_buffer,
             cfg.run.seed,
             start=position,
+            mixing=build_mixing(cfg.data, sources),
         )
-        self.source_of_shard = source_of_shards(cfg.data.train)
-        self.sources = max(self.source_of_shard.values()) + 1
+        self.sources = len(sources)
+        self.optional = optional_modalities(cfg.data, self.engine.model.modalities)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
@@ -192,7 +195,7 @@ class Trainer:
 
     def train_step(self, batch: Batch) -> Dict[str, float]:
         inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.inputs.items()}
-        present = {m: batch.present[m].to(self.device) for m in self.cfg.data.optional_modalities}
+        present = {m: batch.present[m].to(self.device) for m in self.optional}
         loss_fn = partial(self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step))
         metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
         self.state.advance(batch, metrics)
@@ -203,11 +206,8 @@ class Trainer:
         return metrics
 
     def drawn_per_source(self, batch: Batch) -> list:
-        """This process's samples of the batch from each source of data.train."""
-        drawn = [0] * self.sources
-        for key in batch.keys:  # "<shard url>#<sample key>"
-            drawn[self.source_of_shard[key.split("#", 1)[0]]] += 1
-        return drawn
+        """This process's samples of the batch from each source (of data.sources, or "::" part of data.train)."""
+        return [batch.sources.count(index) for index in range(self.sources)]
 
     def checkpoint(self, force: bool = False) -> None:
         """Collective: a checkpoint every run.checkpoint_every steps, at the last step, or when `force`d."""

@@ -10,8 +10,10 @@ import soundfile
 import torch
 
 from data_prep.spoken_digits import ACCENTS, HELD_OUT_VARIANTS, TRAIN_VARIANTS, Utterance, espeak_binary, synthesise
-from mmcl.data import InputSpec, build_eval_loader
+from data_prep.writer import brace_pattern
+from mmcl.data import InputSpec, TrainStream, expand_urls
 from mmcl.data.decode import decode_audio
+from mmcl.data.sources import Mixing, Source
 
 
 def samples(shard):
@@ -37,32 +39,46 @@ def test_speech_is_real_reproducible_and_varies_by_voice():
 
 def test_round_trip(spoken_digits_root):
     root = spoken_digits_root
-    train_stats = json.loads((root / "train" / "_stats.json").read_text())
+    image_stats = json.loads((root / "train" / "image_text" / "_stats.json").read_text())
+    audio_stats = json.loads((root / "train" / "audio_text" / "_stats.json").read_text())
     test_stats = json.loads((root / "test" / "_stats.json").read_text())
-    assert train_stats["fields"]["flac"] == len(ACCENTS) * len(TRAIN_VARIANTS) * 10
-    assert train_stats["fields"]["png"] == train_stats["images"] == 1437
+    assert audio_stats["fields"] == {"flac": len(ACCENTS) * len(TRAIN_VARIANTS) * 10, "txt": audio_stats["samples"]}
+    assert image_stats["fields"] == {"png": 1437, "txt": 1437} and image_stats["images"] == 1437
     assert test_stats["fields"] == {"png": 360, "flac": 360, "cls": 360, "txt": 360}
-    train_voices, test_voices = set(train_stats["voices"]), set(test_stats["voices"])
+    train_voices, test_voices = set(audio_stats["voices"]), set(test_stats["voices"])
     assert not train_voices & test_voices  # evaluation voices are never heard in training
     assert {v.split("+")[1] for v in test_voices} == set(HELD_OUT_VARIANTS)
     assert json.loads((root / "dataset.json").read_text()) == {"retrieval_match": "class"}
 
-    train = samples(root / "train" / "000000.tar")
-    kinds = {frozenset(fields) for fields in train.values()}
-    assert kinds == {frozenset({"png", "txt"}), frozenset({"flac", "txt"})}  # image and audio never together
     test = samples(root / "test" / "0.tar")
     words = (root / "classnames.txt").read_text().split()
     for fields in random.Random(0).sample(list(test.values()), 5):
         assert words[int(fields["cls"])] in fields["txt"].decode() or fields["cls"].decode() in fields["txt"].decode()
         soundfile.info(io.BytesIO(fields["flac"]))  # a readable FLAC
 
-    # Through the stream: both modalities optional, every sample holds one of them.
+
+def test_the_two_training_sources_mix_by_weight(spoken_digits_root):
+    """The tri-modal demo's stream: image-text and audio-text sources, a quarter of the samples from the
+    first; each sample holds its source's modalities and a placeholder stands in for the other."""
+    train = spoken_digits_root / "train"
+    sources = [
+        Source(expand_urls(brace_pattern(train / name, len(json.loads((train / name / "sizes.json").read_text())))),
+               weight, {modality: [field], "text": ["txt"]})
+        for name, modality, field, weight in (("image_text", "image", "png", 1.0), ("audio_text", "audio", "flac", 3.0))
+    ]  # fmt: skip
     inputs = {
         "image": InputSpec("image", ["png"], lambda im: torch.ones(1), placeholder=torch.zeros(1)),
         "audio": InputSpec("audio", ["flac"], lambda wave: torch.ones(1), placeholder=torch.zeros(1)),
         "text": InputSpec("text", ["txt"], lambda s: torch.ones(1)),
     }
-    batch = next(iter(build_eval_loader(str(root / "train" / "000000.tar"), inputs, batch_size=200)))
-    assert batch.skipped == 0
-    assert torch.equal(batch.present["image"], ~batch.present["audio"])
-    assert 0 < batch.present["audio"].sum() < 200
+    stream = TrainStream("", inputs, 100, workers=0, shuffle_buffer=50, seed=0, mixing=Mixing(sources, False, 2000))
+    batches = [batch for _, batch in zip(range(10), stream, strict=False)]
+    for batch in batches:
+        assert batch.skipped == 0
+        assert torch.equal(batch.present["image"], ~batch.present["audio"])
+        assert torch.equal(batch.present["audio"], torch.tensor(batch.sources) == 1)
+        assert torch.equal(batch.inputs["image"][~batch.present["image"]], torch.zeros(sum(batch.sources), 1))
+        assert all(
+            ("/audio_text/" in key) == (source == 1) for key, source in zip(batch.keys, batch.sources, strict=True)
+        )
+    assert sum(sum(batch.sources) for batch in batches) == 750

@@ -4,6 +4,8 @@ processes, in metrics.jsonl (and so TensorBoard) and in every checkpoint, and ca
 import subprocess
 import sys
 
+import pytest
+
 from mmcl.checkpoint import state as checkpoints
 from mmcl.train.metrics_log import read_records
 
@@ -50,3 +52,41 @@ def test_samples_per_source_continue_over_a_resume(digits_root, tmp_path):
     resumed = read_records(train(digits_root, tmp_path, "resumed", 8, "run.resume=latest") / "metrics.jsonl")
     assert [r["samples_source0"] for r in resumed] == [r["samples_source0"] for r in whole]
     assert [r["samples_source1"] for r in resumed] == [r["samples_source1"] for r in whole]
+
+
+def weighted(digits_root, resampled):
+    """data.sources: shards 0-1 at weight 1 against shards 2-5 at weight 3, epochs of 96 samples (6 steps)."""
+    urls = [f"{digits_root}/train/{{000000..000001}}.tar", f"{digits_root}/train/{{000002..000005}}.tar"]
+    sources = f"data.sources=[{{urls: '{urls[0]}', weight: 1}}, {{urls: '{urls[1]}', weight: 3}}]"
+    return ("data.train=''", sources, f"data.resampled={resampled}", "data.epoch_samples=96",
+            "optim.schedule=constant", "optim.warmup_steps=2")  # fmt: skip
+
+
+def assert_same_samples(resumed, whole, exact):
+    got, want = read_records(resumed / "metrics.jsonl"), read_records(whole / "metrics.jsonl")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, 11))
+    for a, b in zip(got, want, strict=True):
+        assert (a["loss"] == b["loss"]) if exact else abs(a["loss"] - b["loss"]) <= 1e-6, a["step"]
+        assert (a["samples_source0"], a["samples_source1"]) == (b["samples_source0"], b["samples_source1"])
+    files = sorted(p.name for p in whole.glob("samples_rank*.jsonl"))
+    assert files and all(read_records(resumed / f) == read_records(whole / f) for f in files)
+    last = want[-1]
+    assert last["samples_source1"] > 2 * last["samples_source0"] > 0  # drawn by weight, 1:3
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_weighted_sources_resume_bitwise_on_one_process(digits_root, tmp_path, resampled):
+    extra = weighted(digits_root, resampled)
+    whole = train(digits_root, tmp_path, "whole", 10, *extra)
+    train(digits_root, tmp_path, "resumed", 5, *extra)  # stops mid-epoch: 5 of the epoch's 6 steps
+    resumed = train(digits_root, tmp_path, "resumed", 10, *extra, "run.resume=latest")
+    assert_same_samples(resumed, whole, exact=True)
+
+
+def test_resampled_weighted_sources_resume_with_the_same_samples_on_two_processes(digits_root, tmp_path):
+    extra = (*weighted(digits_root, True), "data.workers=1", "engine.backend=deepspeed")
+    torchrun = (*TORCHRUN_2, "-m", "mmcl")
+    whole = train(digits_root, tmp_path, "whole", 10, *extra, launcher=torchrun)
+    train(digits_root, tmp_path, "resumed", 4, *extra, launcher=torchrun)  # an epoch is 3 steps on 2 processes
+    resumed = train(digits_root, tmp_path, "resumed", 10, *extra, "run.resume=latest", launcher=torchrun)
+    assert_same_samples(resumed, whole, exact=False)
