@@ -142,6 +142,8 @@ IMAGE_TEXT = {"urls": str(SHARD), "weight": 0.5}
         ),
         (["data.train=''", sources({**IMAGE_TEXT, "fieldz": "{}"})], "data.sources[0].fieldz", ""),
         (["data.train=''", sources({**IMAGE_TEXT, "weight": "many"})], "data.sources[0].weight", "many"),
+        (["data.train=''", sources({**IMAGE_TEXT, "weight": "inf"})], "data.sources[0].weight", "finite"),
+        (["data.train=''", *AUDIO, sources({**IMAGE_TEXT, "modalities": "[image, text]"})], "data.sources", "'audio'"),
         (["data.train=''", "data.sources=[3]"], "data.sources[0]", "a mapping"),
         (["data.train=pipe:cat a.tar", "data.resampled=true"], "data.epoch_samples", "sizes.json"),
     ],

@@ -25,7 +25,7 @@ def crop_or_pad(samples: torch.Tensor, length: int, train: bool) -> torch.Tensor
     extra = samples.shape[0] - length
     if extra > 0:
         start = int(torch.randint(extra + 1, ())) if train else extra // 2
-        return samples[start:start + length]
+        return samples[start : start + length]
     before = -extra // 2
     return torch.nn.functional.pad(samples, (before, -extra - before))
 
@@ -47,9 +47,15 @@ class LogMel:
         import librosa.filters  # imported here: loading librosa takes a second, and only audio needs it
 
         self.settings = settings
-        self.filterbank = torch.from_numpy(librosa.filters.mel(
-            sr=settings.sample_rate, n_fft=settings.n_fft, n_mels=settings.n_mels,
-            fmin=settings.f_min, fmax=settings.f_max))  # (n_mels, n_fft // 2 + 1)
+        self.filterbank = torch.from_numpy(
+            librosa.filters.mel(
+                sr=settings.sample_rate,
+                n_fft=settings.n_fft,
+                n_mels=settings.n_mels,
+                fmin=settings.f_min,
+                fmax=settings.f_max,
+            )
+        )  # (n_mels, n_fft // 2 + 1)
         self.window = torch.hann_window(settings.n_fft)
 
     @staticmethod
@@ -57,7 +63,14 @@ class LogMel:
         return samples // hop_length + 1  # centred frames, as librosa and torch.stft count them
 
     def __call__(self, samples: torch.Tensor) -> torch.Tensor:
-        spectrum = torch.stft(samples, self.settings.n_fft, self.settings.hop_length, window=self.window,
-                              center=True, pad_mode="constant", return_complex=True)  # (freqs, frames)
+        spectrum = torch.stft(
+            samples,
+            self.settings.n_fft,
+            self.settings.hop_length,
+            window=self.window,
+            center=True,
+            pad_mode="constant",
+            return_complex=True,
+        )  # (freqs, frames)
         power = spectrum.abs() ** 2
         return torch.log(self.filterbank @ power + 1e-6)  # (n_mels, freqs) x (freqs, frames)

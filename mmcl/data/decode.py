@@ -7,8 +7,8 @@ so nothing from a shard is unpickled.
 
 from __future__ import annotations
 
-import json
 import io
+import json
 import warnings
 from typing import Callable, Dict, Mapping, Sequence, Tuple
 

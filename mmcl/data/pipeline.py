@@ -21,10 +21,22 @@ from mmcl.config import DataConfig, parse_fields
 from mmcl.data.batch import Batch
 from mmcl.data.decode import SampleError, check_fields, decode_field, shard_field
 from mmcl.data.shards import expand_urls, shard_order, source_of_shards
-from mmcl.data.sources import Mixing, check_sources, epoch_samples, mixed_samples, slot_batches, training_sources
+from mmcl.data.sources import (
+    Mixing,
+    check_sources,
+    epoch_samples,
+    mixed_samples,
+    process_batches,
+    slot_batches,
+    training_sources,
+)
 from mmcl.errors import ConfigError, DataError
 
 log = logging.getLogger("mmcl.data")
+
+# A training source of the mixed stream whose samples are unreadable this many times in a row stops the
+# run: far beyond a run of bad files, and soon enough to name the misconfigured source.
+SOURCE_GIVES_UP_AFTER = 1000
 
 
 @dataclass
@@ -68,21 +80,37 @@ def check_data_config(cfg: DataConfig, kinds: Mapping[str, str], key: str = "dat
                 raise ConfigError(f"config key '{fields_key}.{modality}': {error}") from None
     for modality in cfg.optional_modalities:
         if modality not in modalities:
-            raise ConfigError(f"config key '{key}.optional_modalities': {modality!r} is not a tower "
-                              f"({', '.join(sorted(modalities))})")
+            raise ConfigError(
+                f"config key '{key}.optional_modalities': {modality!r} is not a tower ({', '.join(sorted(modalities))})"
+            )
     if cfg.sources or cfg.resampled:
         epoch_samples(cfg, training_sources(cfg, modalities))  # the epoch's length is known
 
 
 class SkipLog:
-    """Counts skipped samples inside one worker; each batch takes the count accrued before it."""
+    """Counts skipped samples inside one worker; each batch takes the count accrued before it. With
+    `give_up_after`, a training source whose samples are all unreadable (a field it lacks, say) stops the
+    run after that many in a row, instead of being skipped forever while the other sources fill the batches."""
 
-    def __init__(self) -> None:
+    def __init__(self, give_up_after: int = 0) -> None:
         self.count = 0
+        self.give_up_after = give_up_after
+        self.in_a_row: Dict[int, int] = {}  # source -> its unreadable samples since its last readable one
 
-    def skip(self, where: str, reason: str) -> None:
+    def skip(self, where: str, reason: str, source: Optional[int] = None) -> None:
         self.count += 1
         log.warning("skipped %s: %s", where, reason)
+        if source is None:
+            return
+        self.in_a_row[source] = self.in_a_row.get(source, 0) + 1
+        if self.give_up_after and self.in_a_row[source] >= self.give_up_after:
+            raise DataError(
+                f"training source {source}: its last {self.give_up_after} samples were all unreadable, "
+                f"the last {where}: {reason}; check the fields it is read through"
+            )
+
+    def kept(self, source: int) -> None:
+        self.in_a_row[source] = 0
 
     def tar_error(self, error: Exception) -> bool:
         # webdataset handler protocol: return True to go on. It appends the shard URL to error.args.
@@ -95,7 +123,11 @@ class SkipLog:
 
 
 def _decode_and_batch(
-    samples: Iterator[dict], inputs: Dict[str, InputSpec], batch_size: int, partial: bool, skips: SkipLog,
+    samples: Iterator[dict],
+    inputs: Dict[str, InputSpec],
+    batch_size: int,
+    partial: bool,
+    skips: SkipLog,
     source_inputs: Sequence[Dict[str, InputSpec]] = (),
 ) -> Iterator[Batch]:
     """`source_inputs`: what each source's samples hold and through which fields (a sample's `__source__`
@@ -107,11 +139,12 @@ def _decode_and_batch(
         try:
             tensors = _decode_sample(sample, source_inputs[source] if source_inputs else inputs)
         except SampleError as error:
-            skips.skip(where, str(error))
+            skips.skip(where, str(error), source)
             continue
         except Exception as error:  # a transform failing on odd data (tiny or huge image) is bad data too
-            skips.skip(where, f"{type(error).__name__}: {error}")
+            skips.skip(where, f"{type(error).__name__}: {error}", source)
             continue
+        skips.kept(source)
         buffer.append((where, source, tensors))
         if len(buffer) == batch_size:
             yield _collate(buffer, inputs, skips.take())
@@ -154,15 +187,26 @@ def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> 
 
 
 def _pipeline(
-    urls: List[str], inputs: Dict[str, InputSpec], batch_size: int, seed: int, epoch: int,
-    shuffle_buffer: int, partial: bool, split_by_node: bool = True, source_of: Mapping[str, int] = {},
+    urls: List[str],
+    inputs: Dict[str, InputSpec],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle_buffer: int,
+    partial: bool,
+    split_by_node: bool = True,
+    source_of: Optional[Mapping[str, int]] = None,
 ) -> wds.DataPipeline:
     """Every shard once, split over processes and workers. `source_of`: shard -> its source's index."""
     skips = SkipLog()
     ordered = shard_order(urls, seed, epoch) if shuffle_buffer else urls
     node_split = [wds.split_by_node] if split_by_node else []
-    stages = [wds.SimpleShardList(ordered), *node_split, wds.split_by_worker,
-              wds.tarfile_to_samples(handler=skips.tar_error)]
+    stages = [
+        wds.SimpleShardList(ordered),
+        *node_split,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=skips.tar_error),
+    ]
     if shuffle_buffer:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
     if source_of:
@@ -176,7 +220,7 @@ def _mixed_pipeline(
 ) -> wds.DataPipeline:
     """One epoch of the mixed stream in this slot: samples drawn by weight from the sources, each decoded
     as its source says; modalities a source lacks take their placeholders."""
-    skips = SkipLog()
+    skips = SkipLog(give_up_after=SOURCE_GIVES_UP_AFTER)
     source_inputs = [
         {m: replace(inputs[m], fields=fields) for m, fields in source.fields.items()} for source in mixing.sources
     ]
@@ -212,8 +256,17 @@ class TrainStream:
     have.
     """
 
-    def __init__(self, urls: str, inputs: Dict[str, InputSpec], batch_size: int, workers: int,
-                 shuffle_buffer: int, seed: int, start: tuple = (0, 0), mixing: Optional[Mixing] = None) -> None:
+    def __init__(
+        self,
+        urls: str,
+        inputs: Dict[str, InputSpec],
+        batch_size: int,
+        workers: int,
+        shuffle_buffer: int,
+        seed: int,
+        start: tuple = (0, 0),
+        mixing: Optional[Mixing] = None,
+    ) -> None:
         self.urls = expand_urls(urls) if mixing is None else [s for src in mixing.sources for s in src.shards]
         self.source_of = source_of_shards(urls) if mixing is None else {}
         self.mixing = mixing
@@ -226,31 +279,42 @@ class TrainStream:
 
     @property
     def position(self) -> tuple:
+        if self.mixing is not None and self.taken == process_batches(self.mixing, self.batch_size):
+            return self.epoch + 1, 0  # an epoch just finished: a resume starts the next, replaying nothing
         return self.epoch, self.taken
 
     def __iter__(self) -> Iterator[Batch]:
         skip = self.taken
-        for self.epoch in count(self.epoch):
-            self.taken = 0
-            for batch in self._epoch_batches(self.epoch):
+        for epoch in count(self.epoch):
+            self.epoch, self.taken = epoch, 0
+            for batch in self._epoch_batches(epoch):
                 self.taken += 1
                 if self.taken > skip:
                     yield batch
             if self.taken == 0:
-                raise DataError(f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
-                                   f"{self.batch_size}: too few readable samples per worker")
+                raise DataError(
+                    f"an epoch over {len(self.urls)} shard(s) produced no full batch of "
+                    f"{self.batch_size}: too few readable samples per worker"
+                )
             skip = 0
 
     def _epoch_batches(self, epoch: int) -> Iterator[Batch]:
         if self.mixing is None:
-            pipeline = _pipeline(self.urls, self.inputs, self.batch_size, self.seed, epoch,
-                                 self.shuffle_buffer, partial=False, source_of=self.source_of)
+            pipeline = _pipeline(
+                self.urls,
+                self.inputs,
+                self.batch_size,
+                self.seed,
+                epoch,
+                self.shuffle_buffer,
+                partial=False,
+                source_of=self.source_of,
+            )
         else:
-            pipeline = _mixed_pipeline(self.mixing, self.inputs, self.batch_size, self.seed, epoch,
-                                       self.shuffle_buffer)
+            pipeline = _mixed_pipeline(self.mixing, self.inputs, self.batch_size, self.seed, epoch, self.shuffle_buffer)
         rank = wds.utils.pytorch_worker_info()[0]
         # Augmentations draw from torch's RNG: seed it per (seed, epoch, rank), apart from the model's.
-        data_seed = hash((self.seed, epoch, rank)) % 2 ** 62
+        data_seed = hash((self.seed, epoch, rank)) % 2**62
         if self.workers > 0:  # each worker's torch RNG is seeded from this generator
             generator = torch.Generator().manual_seed(data_seed)
             yield from wds.WebLoader(pipeline, batch_size=None, num_workers=self.workers, generator=generator)
@@ -276,8 +340,9 @@ def build_eval_loader(
     """Every readable sample of these shards once, in shard order, the last batch partial. The shards
     are not split across processes: a distributed evaluation hands each process its own."""
     shards = expand_urls(urls) if isinstance(urls, str) else list(urls)
-    pipeline = _pipeline(shards, inputs, batch_size, seed=0, epoch=0, shuffle_buffer=0, partial=True,
-                         split_by_node=False)
+    pipeline = _pipeline(
+        shards, inputs, batch_size, seed=0, epoch=0, shuffle_buffer=0, partial=True, split_by_node=False
+    )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
 
 

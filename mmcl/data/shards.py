@@ -50,8 +50,10 @@ def check_local_shards(urls: str, key: str) -> None:
     local = [url.removeprefix("file:") for url in expanded if "://" not in url and not url.startswith("pipe:")]
     missing = [url for url in local if not Path(url).is_file()]
     if missing:
-        raise ConfigError(f"config key {key!r}: {len(missing)} of the {len(expanded)} shards it names do not "
-                          f"exist, first {missing[0]}")
+        raise ConfigError(
+            f"config key {key!r}: {len(missing)} of the {len(expanded)} shards it names do not "
+            f"exist, first {missing[0]}"
+        )
 
 
 def shard_order(urls: List[str], seed: int, epoch: int) -> List[str]:

@@ -19,7 +19,7 @@ import math
 import random
 from dataclasses import dataclass
 from itertools import count
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import webdataset as wds
 
@@ -63,12 +63,11 @@ def training_sources(cfg: DataConfig, modalities: Sequence[str]) -> List[Source]
 
 
 def build_mixing(cfg: DataConfig, sources: List[Source]) -> Optional[Mixing]:
-    """The mixed stream's settings, or None for the plain epoch stream (data.train, not resampled).
-    data.train in resampled mode draws shards uniformly from all its sources, as open_clip does."""
+    """The mixed stream's settings, or None for the plain epoch stream (data.train, not resampled). In
+    resampled mode data.train's parts, weighted by their shard counts, draw shards uniformly from all of
+    them, as open_clip does."""
     if not cfg.sources and not cfg.resampled:
         return None
-    if not cfg.sources:
-        sources = [Source([s for source in sources for s in source.shards], 1.0, sources[0].fields)]
     return Mixing(sources, cfg.resampled, epoch_samples(cfg, sources))
 
 
@@ -95,20 +94,26 @@ def optional_modalities(cfg: DataConfig, modalities: Sequence[str]) -> List[str]
 def check_sources(cfg: DataConfig, modalities: Sequence[str]) -> None:
     """A ConfigError naming the key for a source list that cannot feed these towers."""
     if bool(cfg.train) == bool(cfg.sources):
-        raise ConfigError("config key 'data.train': give the training shards as data.train or as data.sources "
-                          f"(a list of {{urls, weight}}), {'not both' if cfg.train else 'neither is set'}")
+        raise ConfigError(
+            "config key 'data.train': give the training shards as data.train or as data.sources "
+            f"(a list of {{urls, weight}}), {'not both' if cfg.train else 'neither is set'}"
+        )
     if cfg.train:
         check_local_shards(cfg.train, "data.train")
     for i, source in enumerate(cfg.sources):
         key = f"data.sources[{i}]"
         check_local_shards(source.urls, f"{key}.urls")
-        if source.weight <= 0:
-            raise ConfigError(f"config key '{key}.weight': must be above 0, got {source.weight}")
+        if not 0 < source.weight < math.inf:
+            raise ConfigError(f"config key '{key}.weight': must be above 0 and finite, got {source.weight}")
         unknown = [m for m in [*source.modalities, *source.fields] if m not in modalities]
         if unknown:
             raise ConfigError(f"config key '{key}': {unknown[0]!r} is not a tower ({', '.join(modalities)})")
         if source.modalities and len(set(source.modalities)) < 2:
             raise ConfigError(f"config key '{key}.modalities': a source must hold two modalities to contrast")
+    held = {m for source in cfg.sources for m in (source.modalities or modalities)}
+    unfed = [m for m in modalities if cfg.sources and m not in held]
+    if unfed:
+        raise ConfigError(f"config key 'data.sources': no source holds the {unfed[0]!r} tower's modality")
 
 
 def source_sequence(weights: Sequence[float], rng: random.Random) -> Iterator[int]:
@@ -120,64 +125,104 @@ def source_sequence(weights: Sequence[float], rng: random.Random) -> Iterator[in
         offset = rng.random()
         block: List[int] = []
         for i, (start, end) in enumerate(zip([0.0, *edges[:-1]], edges, strict=True)):
-            block += [i] * (math.floor(end - offset) - math.floor(start - offset))  # points offset + k in [start, end)
+            block += [i] * (math.floor(end - offset) - math.floor(start - offset))  # points offset + k in (start, end]
         rng.shuffle(block)
         yield from block
 
 
-def worker_share(order: List[str], slot: int, slots: int) -> List[str]:
-    """This slot's (process x loader worker) shards of one pass; with fewer shards than slots, all of them,
-    starting at a different one in each slot."""
-    if len(order) >= slots:
-        return order[slot::slots]
-    start = slot % len(order)
-    return order[start:] + order[:start]
+@dataclass(frozen=True)
+class Slot:
+    """One reader of the stream: a loader worker of one process, numbered among all processes' workers."""
+
+    index: int
+    count: int
+
+    @staticmethod
+    def current() -> "Slot":
+        rank, world, worker, workers = wds.utils.pytorch_worker_info()
+        return Slot(rank * workers + worker, world * workers)
+
+
+def _pass_plan(source: Source, index: int, resampled: bool, seed: int, epoch: int, number: int, slot: Slot,
+               draw: random.Random) -> Tuple[List[str], int, int]:  # fmt: skip
+    """Pass `number` of one source in this slot: (shards to read, keep every k-th sample, from the j-th).
+
+    Without replacement every slot shuffles the shards alike and takes its share; with fewer shards than
+    slots, every slot reads them all and keeps its share of the samples, so no sample is read twice in a
+    pass. With replacement each slot draws for itself, as open_clip's ResampledShards."""
+    if resampled:
+        return [draw.choice(source.shards) for _ in source.shards], 1, 0
+    order = list(source.shards)
+    random.Random(f"{seed}:{epoch}:{index}:pass{number}").shuffle(order)
+    if len(order) >= slot.count:
+        return order[slot.index :: slot.count], 1, 0
+    return order, slot.count, slot.index
 
 
 def source_samples(
-    index: int, source: Source, resampled: bool, seed: int, epoch: int, slot: int, slots: int,
-    handler: Callable[[Exception], bool],
+    index: int, source: Source, resampled: bool, seed: int, epoch: int, slot: Slot, handler: Callable[[Exception], bool]
 ) -> Iterator[dict]:
-    """One source's samples, endless, tagged with `__source__`: pass after pass over its shards (each pass
-    in a new seeded order, shared by every slot, which takes its share), or shards drawn with replacement."""
-    draw = random.Random(f"{seed}:{epoch}:{index}:{slot}")
+    """One source's samples in this slot, endless, tagged with `__source__`: pass after pass over its shards,
+    each pass in a new seeded order, or shards drawn with replacement. An unreadable shard is skipped (and
+    counted by `handler`); a source none of whose shards gives a sample stops the run, naming it."""
+    draw = random.Random(f"{seed}:{epoch}:{index}:{slot.index}")
+    tried: Set[str] = set()  # shards opened since the source last gave a sample
     for number in count():
-        if resampled:  # each slot draws for itself, as open_clip's ResampledShards
-            shards = [draw.choice(source.shards) for _ in source.shards]
-        else:  # the same order in every slot, so that the slots' shares split it
-            order = list(source.shards)
-            random.Random(f"{seed}:{epoch}:{index}:pass{number}").shuffle(order)
-            shards = worker_share(order, slot, slots)
-        read = 0
-        for sample in wds.tarfile_to_samples(handler=handler)({"url": url} for url in shards):
-            read += 1
-            yield {**sample, "__source__": index}
-        if not read:
-            raise DataError(f"source {index} ({source.shards[0]}, ...): {len(shards)} shard(s) read in a row "
-                            "gave no readable sample")
+        shards, every, first = _pass_plan(source, index, resampled, seed, epoch, number, slot, draw)
+        kept = read = 0
+        for read, sample in enumerate(wds.tarfile_to_samples(handler=handler)(_opened(shards, tried)), start=1):
+            tried.clear()
+            if (read - 1) % every == first:
+                kept += 1
+                yield {**sample, "__source__": index}
+        if tried >= set(source.shards):
+            raise DataError(
+                f"training source {index} ({source.shards[0]}, ...): none of its {len(source.shards)} "
+                "shards gave a readable sample"
+            )
+        if read and not kept:
+            raise DataError(
+                f"training source {index} ({source.shards[0]}, ...): a pass over it holds {read} "
+                f"samples, fewer than its {slot.count} readers (processes x loader workers); use "
+                "data.resampled, or fewer loader workers"
+            )
+
+
+def _opened(shards: List[str], tried: Set[str]) -> Iterator[Dict[str, str]]:
+    for url in shards:
+        tried.add(url)
+        yield {"url": url}
 
 
 def mixed_samples(
     mixing: Mixing, seed: int, epoch: int, shuffle_buffer: int, handler: Callable[[Exception], bool]
 ) -> Iterator[dict]:
     """This slot's samples of one epoch, endless: each from a source chosen by weight, each source's samples
-    through its own seeded shuffle buffer."""
-    rank, world, worker, workers = wds.utils.pytorch_worker_info()
-    slot, slots = rank * workers + worker, world * workers
+    through its own seeded shuffle buffer, sized by its weight so that the buffers together hold about
+    `shuffle_buffer` samples, as the plain stream's one buffer does."""
+    slot = Slot.current()
+    total = math.fsum(s.weight for s in mixing.sources)
     streams = []
     for index, source in enumerate(mixing.sources):
-        samples = source_samples(index, source, mixing.resampled, seed, epoch, slot, slots, handler)
+        samples = source_samples(index, source, mixing.resampled, seed, epoch, slot, handler)
         if shuffle_buffer:
-            shuffle_rng = random.Random(f"{seed}:{epoch}:{index}:{slot}:shuffle")
-            samples = wds.shuffle(shuffle_buffer, min(shuffle_buffer, 100), rng=shuffle_rng)(samples)
+            size = max(10, math.ceil(shuffle_buffer * source.weight / total))
+            shuffle_rng = random.Random(f"{seed}:{epoch}:{index}:{slot.index}:shuffle")
+            samples = wds.shuffle(size, min(size, 100), rng=shuffle_rng)(samples)
         streams.append(samples)
-    for index in source_sequence([s.weight for s in mixing.sources], random.Random(f"{seed}:{epoch}:mix:{slot}")):
+    sequence = source_sequence([s.weight for s in mixing.sources], random.Random(f"{seed}:{epoch}:mix:{slot.index}"))
+    for index in sequence:
         yield next(streams[index])
 
 
+def process_batches(mixing: Mixing, batch_size: int) -> int:
+    """The batches each process takes in one epoch of the mixed stream."""
+    world = wds.utils.pytorch_worker_info()[1]
+    return max(1, mixing.epoch_samples // (batch_size * world))
+
+
 def slot_batches(mixing: Mixing, batch_size: int) -> int:
-    """The batches this slot yields in one epoch: the epoch's share of each process, split over its loader
-    workers."""
-    _, world, worker, workers = wds.utils.pytorch_worker_info()
-    per_process = max(1, mixing.epoch_samples // (batch_size * world))
+    """The batches this slot yields in one epoch: its process's, split over the process's loader workers."""
+    per_process = process_batches(mixing, batch_size)
+    _, _, worker, workers = wds.utils.pytorch_worker_info()
     return per_process // workers + (worker < per_process % workers)

@@ -25,10 +25,15 @@ def encoded(samples, rate, fmt, subtype=None):
     return out.getvalue()
 
 
-@pytest.mark.parametrize("fmt, subtype, tolerance", [
-    ("WAV", "PCM_16", 1 / 2 ** 15), ("FLAC", "PCM_16", 1 / 2 ** 15), ("WAV", "FLOAT", 1e-7),
-    ("OGG", "VORBIS", 0.05),
-])
+@pytest.mark.parametrize(
+    "fmt, subtype, tolerance",
+    [
+        ("WAV", "PCM_16", 1 / 2**15),
+        ("FLAC", "PCM_16", 1 / 2**15),
+        ("WAV", "FLOAT", 1e-7),
+        ("OGG", "VORBIS", 0.05),
+    ],
+)
 def test_decode_formats(fmt, subtype, tolerance):
     wave = tone()
     samples, rate = decode_audio(encoded(wave, 22050, fmt, subtype))
@@ -41,7 +46,7 @@ def test_decode_mp3():
     samples, rate = decode_audio(encoded(wave, 44100, "MP3", "MPEG_LAYER_III"))
     assert rate == 44100
     assert abs(len(samples) - len(wave)) < 0.05 * len(wave)  # MP3 frames pad the ends a little
-    assert np.sqrt(np.mean(samples ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
+    assert np.sqrt(np.mean(samples**2)) == pytest.approx(0.5 / np.sqrt(2), rel=0.1)
 
 
 def test_decode_downmixes_to_mono():
@@ -83,8 +88,21 @@ def test_log_mel_matches_librosa():
     rng = np.random.default_rng(0)
     wave = (tone(seconds=0.7, rate=16000, freq=700.0) + 0.1 * rng.standard_normal(11200)).astype(np.float32)
     ours = LogMel(settings)(torch.from_numpy(wave))
-    reference = np.log(librosa.feature.melspectrogram(
-        y=wave, sr=16000, n_fft=512, hop_length=160, window="hann", center=True, pad_mode="constant", power=2.0,
-        n_mels=40, fmin=20.0, fmax=7600.0) + 1e-6)
+    reference = np.log(
+        librosa.feature.melspectrogram(
+            y=wave,
+            sr=16000,
+            n_fft=512,
+            hop_length=160,
+            window="hann",
+            center=True,
+            pad_mode="constant",
+            power=2.0,
+            n_mels=40,
+            fmin=20.0,
+            fmax=7600.0,
+        )
+        + 1e-6
+    )
     assert ours.shape == reference.shape == (40, LogMel.frames_for(len(wave), 160))
     np.testing.assert_allclose(ours.numpy(), reference, rtol=1e-4, atol=1e-3)

@@ -11,7 +11,17 @@ import torch
 from data_prep.writer import ShardSetWriter, brace_pattern
 from mmcl.config import DataConfig, SourceConfig
 from mmcl.data import InputSpec, TrainStream, expand_urls
-from mmcl.data.sources import MIX_BLOCK, Mixing, Source, build_mixing, source_sequence, training_sources
+from mmcl.data.sources import (
+    MIX_BLOCK,
+    Mixing,
+    Slot,
+    Source,
+    build_mixing,
+    source_samples,
+    source_sequence,
+    training_sources,
+)
+from mmcl.errors import DataError
 
 
 def image_size(image):
@@ -96,11 +106,13 @@ def test_resume_from_any_position_continues_the_same_samples(three_sources, resa
     sources = [Source(shards, w, FIELDS) for shards, w in zip(three_sources, [1.0, 2.0, 2.0], strict=True)]
     mixing = Mixing(sources, resampled, epoch_samples=120)  # 6 batches an epoch
     whole = TrainStream("", INPUTS, 20, workers, 10, seed=1, mixing=mixing)
-    batches = [(whole.position, batch) for _, batch in zip(range(14), whole, strict=False)]
-    assert whole.position == (2, 2)
-    for (epoch, taken), batch in [batches[3], batches[6], batches[11]]:  # mid-epoch, at a boundary, later
-        resumed = next(iter(TrainStream("", INPUTS, 20, workers, 10, seed=1, start=(epoch, taken - 1),
-                                        mixing=mixing)))  # fmt: skip
+    batches, stream = [], iter(whole)
+    for _ in range(14):
+        position = whole.position  # where a checkpoint taken now would resume: at the next batch
+        batches.append((position, next(stream)))
+    assert [position for position, _ in batches[5:8]] == [(0, 5), (1, 0), (1, 1)] and whole.position == (2, 2)
+    for position, batch in [batches[3], batches[6], batches[11], batches[12]]:  # mid-epoch, at a boundary, later
+        resumed = next(iter(TrainStream("", INPUTS, 20, workers, 10, seed=1, start=position, mixing=mixing)))
         assert resumed.keys == batch.keys and resumed.sources == batch.sources
         assert all(torch.equal(resumed.inputs[m], batch.inputs[m]) for m in INPUTS)
     other_seed = TrainStream("", INPUTS, 20, workers, 10, seed=2, mixing=mixing)
@@ -135,10 +147,52 @@ def test_data_train_sources_and_resampling_from_the_config(three_sources):
     sources = training_sources(plain, ["image", "text"])
     assert [s.shards for s in sources] == three_sources and build_mixing(plain, sources) is None
     resampled = build_mixing(DataConfig(train=train, resampled=True), sources)
-    assert resampled is not None and len(resampled.sources) == 1  # shards drawn uniformly from all of them
-    assert resampled.sources[0].shards == sum(three_sources, []) and resampled.epoch_samples == 280  # sizes.json
+    assert resampled is not None and resampled.epoch_samples == 280  # what sizes.json lists
+    assert [s.weight for s in resampled.sources] == [2, 3, 8]  # by shard count: shards drawn uniformly
+    for source, key in draw(TrainStream("", INPUTS, 20, 0, 10, seed=0, mixing=resampled), 300):
+        assert key.split("#")[1].startswith("abc"[source])  # each sample counted for its own part
     weighted = DataConfig(sources=[SourceConfig(urls=train.split("::")[0], weight=2.0, modalities=["image", "text"],
                                                 fields={"text": "json:caption"})], epoch_samples=64)  # fmt: skip
     mixing = build_mixing(weighted, training_sources(weighted, ["image", "text"]))
     assert mixing == Mixing([Source(three_sources[0], 2.0, {"image": ["jpg", "jpeg", "png", "webp"],
                                                             "text": ["json:caption"]})], False, 64)  # fmt: skip
+
+
+def first(samples, n):
+    return [sample["__key__"] for _, sample in zip(range(n), samples, strict=False)]
+
+
+def tar_error(error):
+    return True  # skip, as the stream's handler does
+
+
+def test_readers_split_a_source_of_fewer_shards_than_readers_by_sample(three_sources):
+    source = Source(three_sources[0], 1.0, FIELDS)  # 2 shards of 10 samples, 4 readers: 5 samples each a pass
+    passes = [first(source_samples(0, source, False, 0, 0, Slot(i, 4), tar_error), 5) for i in range(4)]
+    assert sorted(sum(passes, [])) == sorted(f"a{i:04d}" for i in range(20))  # each sample once, in one reader
+
+
+def test_a_bad_shard_is_skipped_and_a_source_of_bad_shards_stops_the_run(tmp_path, three_sources):
+    garbage = tmp_path / "garbage.tar"
+    garbage.write_bytes(b"not a tar file" * 100)
+    mostly_good = Source([*three_sources[1], str(garbage)], 1.0, FIELDS)  # 4 shards, 4 readers: 1 a pass
+    for slot in range(4):  # every reader meets the bad shard alone in some pass, and goes on
+        assert len(first(source_samples(0, mostly_good, False, 0, 0, Slot(slot, 4), tar_error), 100)) == 100
+    with pytest.raises(DataError, match=r"training source 1 .*none of its 2 shards"):
+        first(source_samples(1, Source([str(garbage)] * 2, 1.0, FIELDS), True, 0, 0, Slot(0, 1), tar_error), 1)
+
+
+def test_a_source_read_through_a_field_it_lacks_stops_the_run_naming_it(three_sources):
+    lacking = Source(three_sources[1], 1.0, {"image": ["png"], "text": ["json:caption"]})  # no json field
+    mixing = Mixing([Source(three_sources[0], 1.0, FIELDS), lacking], False, 1000)
+    with pytest.raises(DataError, match=r"training source 1: its last 1000 samples were all unreadable"):
+        draw(TrainStream("", INPUTS, 20, 0, 10, seed=0, mixing=mixing), 5000)
+
+
+def test_a_finished_epoch_resumes_at_the_next_one(three_sources):
+    stream = TrainStream(
+        "", INPUTS, 20, 0, 10, seed=0, mixing=Mixing([Source(three_sources[2], 1.0, FIELDS)], False, 60)
+    )
+    batches = iter(stream)
+    positions = [(next(batches), stream.position)[1] for _ in range(4)]
+    assert positions == [(0, 1), (0, 2), (1, 0), (1, 1)]  # nothing of epoch 0 is replayed after its last batch

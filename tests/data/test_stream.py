@@ -63,8 +63,9 @@ def test_bad_samples_are_skipped_and_counted_never_unpickled(tmp_path, digit_png
         writer.write({"__key__": "emptytext", "png": good[0][0], "txt": "   "})
         writer.write({"__key__": "latin1", "png": good[0][0], "txt": "caf\xe9".encode("latin-1")})
         writer.write({"__key__": "notext", "png": good[0][0]})
-        writer.write({"__key__": "pickled", "png": good[1][0], "txt": "a pickle rides along",
-                      "pyd": pickle.dumps(Exploding())})
+        writer.write(
+            {"__key__": "pickled", "png": good[1][0], "txt": "a pickle rides along", "pyd": pickle.dumps(Exploding())}
+        )
     batches = list(build_eval_loader(str(tmp_path / "000000.tar"), INPUTS, batch_size=100))
     keys = [k.split("#")[1] for k in batches[0].keys]
     assert keys == [f"ok{i}" for i in range(6)] + ["pickled"]  # the .pyd field is ignored, not executed

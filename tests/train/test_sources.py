@@ -1,5 +1,6 @@
-"""Per-source accounting: the samples drawn from each "::" source of data.train, summed over the
-processes, in metrics.jsonl (and so TensorBoard) and in every checkpoint, and carried over a resume."""
+"""Per-source accounting: the samples drawn from each source ("::" part of data.train, or item of
+data.sources), summed over the processes, in metrics.jsonl (and so TensorBoard) and in every checkpoint,
+and carried over a resume; weighted and resampled sources resume exactly on 1 and 2 processes."""
 
 import subprocess
 import sys
