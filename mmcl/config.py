@@ -106,6 +106,22 @@ class TowerConfig:
     options: Dict[str, Any] = field(default_factory=dict)  # overrides of the preset's tower settings
     locked: bool = False  # freeze the tower's parameters
     grad_checkpointing: bool = False  # recompute the tower's activations in backward (less memory)
+    # This tower's peak learning rate and weight decay, absolute values the schedule scales as it scales
+    # optim.lr; null: optim.lr and optim.weight_decay. Norms, biases and gains never decay.
+    lr: Optional[float] = None
+    weight_decay: Optional[float] = None
+    # Layer-wise learning-rate decay, in (0, 1] (BEiT's and timm's rule): the embeddings are at depth 0,
+    # block i (from 0) at depth i + 1, the final norm and projection at L + 1 for a tower of L blocks;
+    # a parameter at depth d trains at lr * layer_decay ** (L + 1 - d). 1: the same rate throughout.
+    layer_decay: float = 1.0
+    # A locked tower's last N blocks stay trainable, with the final norm and projection above them (open_clip's
+    # --lock-image-unlocked-groups N + 1); 0: the whole tower is frozen.
+    unlocked_blocks: int = at_least(0, 0)
+    unlocked_norms: bool = False  # a locked tower's norm layers stay trainable (gains and biases)
+    # A locked tower's frozen parameters train too from this step on (steps counted from 1: 5 keeps them
+    # unchanged through step 5). They are in the optimiser from the start, at learning rate 0 until then,
+    # so their gradients are computed and count in optim.grad_clip's norm meanwhile. 0: never.
+    unlock_after_step: int = at_least(0, 0)
 
 
 @dataclass

@@ -7,7 +7,7 @@ embedding + learnt positions + a class token -> open_clip Transformer -> class t
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Dict
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from mmcl.config import TowerConfig
 from mmcl.data.audio import LogMel, MelSettings, crop_or_pad, resample
 from mmcl.data.decode import Waveform
 from mmcl.errors import ConfigError
-from mmcl.models.towers import TOWERS, Tower, merged_settings
+from mmcl.models.towers import TOWERS, Tower, merged_settings, transformer_depth
 
 
 @dataclass
@@ -72,6 +72,8 @@ class AudioPreprocess:
 @TOWERS.register("audio_spectrogram")
 class AudioSpectrogramTower(Tower):
     input_kind = "audio"
+    embedding_names = frozenset({"patch_embed", "class_embedding", "positional_embedding", "ln_pre"})
+    head_names = frozenset({"ln_post", "proj"})
 
     @classmethod
     def settings(cls, cfg: TowerConfig, key: str = "tower") -> AudioSettings:
@@ -94,6 +96,17 @@ class AudioSpectrogramTower(Tower):
     @classmethod
     def check(cls, cfg: TowerConfig, key: str) -> None:
         cls.settings(cfg, key)
+
+    @classmethod
+    def blocks_in(cls, cfg: TowerConfig, key: str) -> Optional[int]:
+        return cls.settings(cfg, key).layers
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.resblocks)
+
+    def depth_of(self, name: str) -> int:
+        return transformer_depth(name, self.embedding_names, self.head_names, self.num_blocks)
 
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()

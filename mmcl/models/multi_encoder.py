@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import ModelConfig
+from mmcl.config import ModelConfig, TowerConfig
 from mmcl.errors import ConfigError
 from mmcl.models.towers import TOWERS, Tower
+from mmcl.models.tuning import check_tuning, frozen_steps
 
 
 class Encoded(NamedTuple):
@@ -51,9 +52,12 @@ class MultiEncoder(nn.Module):
         self.towers = nn.ModuleDict(
             {modality: TOWERS.get(tower.type)(tower, cfg.embed_dim) for modality, tower in cfg.towers.items()}
         )
-        for modality, tower in cfg.towers.items():
-            if tower.locked:
-                self.towers[modality].requires_grad_(False)
+        self.tower_cfgs: Dict[str, TowerConfig] = dict(cfg.towers)  # what the optimiser's groups read
+        for modality in self.towers:
+            frozen = self.frozen_steps(modality)
+            for name, param in self.tower(modality).named_parameters():
+                if frozen[name] is None:  # never trains; one unlocked later keeps its gradient
+                    param.requires_grad_(False)
         self.similarity = Similarity(cfg.init_logit_scale, cfg.max_logit_scale, cfg.init_logit_bias)
 
     @property
@@ -79,14 +83,21 @@ class MultiEncoder(nn.Module):
     def tower(self, modality: str) -> Tower:
         return self.towers[modality]  # type: ignore[return-value]
 
+    def frozen_steps(self, modality: str) -> Dict[str, Optional[int]]:
+        """Per parameter of the tower: the steps it stays unchanged from the start (None: throughout)."""
+        return frozen_steps(self.tower(modality), self.tower_cfgs[modality])
+
 
 def check_model_config(cfg: ModelConfig, key: str = "model") -> None:
     """Everything MultiEncoder(cfg) needs, checked without building it: a ConfigError names the key."""
     if len(cfg.towers) < 2:
         raise ConfigError(f"config key '{key}.towers': at least two towers are needed")
     for modality, tower in cfg.towers.items():
-        TOWERS.check(tower.type, f"{key}.towers.{modality}.type")
-        TOWERS.get(tower.type).check(tower, f"{key}.towers.{modality}")
+        tower_key = f"{key}.towers.{modality}"
+        TOWERS.check(tower.type, f"{tower_key}.type")
+        tower_class = TOWERS.get(tower.type)
+        tower_class.check(tower, tower_key)
+        check_tuning(tower, tower_key, tower_class.blocks_in(tower, tower_key))
     if cfg.init_from and not Path(cfg.init_from).exists():
         raise ConfigError(f"config key '{key}.init_from': {cfg.init_from} does not exist")
 

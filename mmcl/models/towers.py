@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Type
+from typing import Any, Callable, Dict, FrozenSet, Optional, Set, Type
 
 import open_clip
 import torch
@@ -48,6 +48,49 @@ class Tower(nn.Module):
     @classmethod
     def check(cls, cfg: TowerConfig, key: str) -> None:
         """Raise ConfigError (naming `key`) for a config this tower cannot be built from."""
+
+    @classmethod
+    def blocks_in(cls, cfg: TowerConfig, key: str) -> Optional[int]:
+        """The number of transformer blocks the tower built from `cfg` has (None: not a stack of blocks
+        mmcl can count, e.g. a ResNet), checked without building it."""
+        return None
+
+    @property
+    def num_blocks(self) -> int:
+        """L: the tower's depths run from 0 (the embeddings) through 1..L (its blocks) to L + 1 (its head)."""
+        raise NotImplementedError(f"{type(self).__name__} has no transformer blocks to count")
+
+    def depth_of(self, name: str) -> int:
+        """The depth of the parameter `name` (as the tower's named_parameters() names it)."""
+        raise NotImplementedError(f"{type(self).__name__} has no transformer blocks to count")
+
+    def norm_parameter_names(self) -> Set[str]:
+        """The gains and biases of the tower's normalisation layers, chosen by module type."""
+        return {
+            f"{module_name}.{name}" if module_name else name
+            for module_name, module in self.named_modules()
+            if isinstance(module, NORM_LAYERS)
+            for name, _ in module.named_parameters(recurse=False)
+        }
+
+
+# open_clip's LayerNorm and LayerNormFp32 subclass nn.LayerNorm; ResNet towers hold BatchNorm2d.
+NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def transformer_depth(name: str, embedding: FrozenSet[str], head: FrozenSet[str], num_blocks: int) -> int:
+    """The depth of a parameter of an open_clip-style transformer (the depths of BEiT's and timm's
+    layer-wise decay: embeddings 0, block i at i + 1, the head at L + 1), `name` relative to the module
+    holding `transformer.resblocks`, its other parameters looked up by their first name in a table."""
+    parts = name.split(".")
+    if parts[:2] == ["transformer", "resblocks"]:
+        return int(parts[2]) + 1
+    if parts[0] in embedding:
+        return 0
+    if parts[0] in head:
+        return num_blocks + 1
+    # A parameter of neither table would otherwise be guessed into a depth: the table needs an entry.
+    raise ValueError(f"parameter {name!r} has no depth: add it to its tower's embedding or head names")
 
 
 def merged_settings(settings_class: type, preset: Dict[str, Any], options: Dict[str, Any], key: str) -> Any:
@@ -91,6 +134,9 @@ class OpenClipTower(Tower):
 
     settings_class: type
     settings_key: str  # "vision_cfg" | "text_cfg" in open_clip's model configs
+    # The parameters (by first name inside the open_clip module) below the first block and above the last.
+    embedding_names: FrozenSet[str]
+    head_names: FrozenSet[str]
 
     @classmethod
     def settings(cls, cfg: TowerConfig, key: str = "tower") -> Any:
@@ -106,12 +152,33 @@ class OpenClipTower(Tower):
     def check(cls, cfg: TowerConfig, key: str) -> None:
         cls.settings(cfg, key)
 
+    @property
+    def num_blocks(self) -> int:
+        return len(list(self.get_submodule("encoder.transformer.resblocks").children()))
+
+    def depth_of(self, name: str) -> int:
+        prefix, inner = name.split(".", 1)
+        if prefix != "encoder":
+            raise ValueError(f"parameter {name!r} is not one of the open_clip module's")
+        return transformer_depth(inner, self.embedding_names, self.head_names, self.num_blocks)
+
 
 @TOWERS.register("open_clip_vision")
 class OpenClipVisionTower(OpenClipTower):
     input_kind = "image"
     settings_class = VisionSettings
     settings_key = "vision_cfg"
+    # As open_clip's VisionTransformer.lock groups them: ln_pre with the embeddings, ln_post and the
+    # projection (or attentional pooler) above the last block.
+    embedding_names = frozenset({"conv1", "class_embedding", "positional_embedding", "ln_pre"})
+    head_names = frozenset({"attn_pool", "attn_pool_contrastive", "ln_post", "proj"})
+
+    @classmethod
+    def blocks_in(cls, cfg: TowerConfig, key: str) -> Optional[int]:
+        settings = cls.settings(cfg, key)
+        # A tuple of layers builds open_clip's ModifiedResNet, a timm name a timm model: no resblocks.
+        is_transformer = isinstance(settings.layers, int) and not settings.timm_model_name
+        return settings.layers if is_transformer else None
 
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()
@@ -145,6 +212,13 @@ class OpenClipTextTower(OpenClipTower):
     input_kind = "text"
     settings_class = TextSettings
     settings_key = "text_cfg"
+    embedding_names = frozenset({"token_embedding", "positional_embedding", "cls_emb"})
+    head_names = frozenset({"ln_final", "text_projection"})
+
+    @classmethod
+    def blocks_in(cls, cfg: TowerConfig, key: str) -> Optional[int]:
+        settings = cls.settings(cfg, key)
+        return None if settings.hf_model_name else settings.layers  # a Hugging Face text model: no resblocks
 
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()
