@@ -1,31 +1,46 @@
 """Image and/or audio + caption samples from a folder or a CSV/JSONL/parquet manifest -> shards.
 
 Folder: every image or audio file with a caption file of the same stem beside it (`cat.jpg` + `cat.txt`;
-`cat.jpg`, `cat.flac` and `cat.txt` make one sample holding both).
+`cat.jpg`, `cat.flac` and `cat.txt` make one sample holding both), read one directory at a time.
 Manifest: one row per sample with an image path and/or an audio path (relative to the manifest's
-folder unless absolute) and a caption (and an optional key column). Rows whose media file is missing,
-unreadable, outside the root, or whose caption is empty, and duplicate keys, are reported in
-_stats.json and not written.
+folder unless absolute) and a caption (and an optional key column), streamed (parquet by batches of
+rows), so memory does not grow with its length. Rows whose media file is missing, unreadable, outside
+the root, or whose caption is empty, and a key repeated within a shard's rows, are reported in
+_stats.json and not written. Shards are written by `data_prep.parallel`: several processes, resumable.
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import pyarrow.parquet as pq
 from PIL import Image
-from tqdm import tqdm
 
-from data_prep.writer import ShardSetWriter
+from data_prep.parallel import ShardRecord, write_resumable
+from data_prep.writer import atomic_shard
 from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, SampleError, decode_audio
 from mmcl.errors import DataError
 
 Media = Dict[str, Optional[Path]]  # "image" / "audio" -> file, or None when it lies outside the root
 Pair = Tuple[str, str, Media, str]  # (source description, sample key, media files, caption)
 KINDS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS}
+PARQUET_BATCH_ROWS = 4096  # parquet rows decoded at a time
+
+
+@dataclass(frozen=True)
+class PairSource:
+    """The pairs of one input, and what identifies it (a resumed prep must see the same identity)."""
+
+    identity: Dict[str, object]  # JSON values: the input's path and the settings that shape its pairs
+    pairs: Iterable[Pair]
+
+    def __iter__(self) -> Iterator[Pair]:
+        return iter(self.pairs)
 
 
 def sample_key(text: str) -> str:
@@ -38,17 +53,31 @@ def _kind(path: Path) -> Optional[str]:
     return next((kind for kind, extensions in KINDS.items() if extension in extensions), None)
 
 
-def folder_pairs(root: Path) -> Iterator[Pair]:
+def folder_pairs(root: Path) -> PairSource:
     if not root.is_dir():
         raise DataError(f"{root}: no such folder")
-    by_stem: Dict[Path, Media] = {}
-    for path in sorted(p for p in root.rglob("*") if p.is_file() and _kind(p)):
-        by_stem.setdefault(path.with_suffix(""), {}).setdefault(_kind(path), path)  # type: ignore[arg-type]
-    for stem, media in by_stem.items():
-        caption_file = Path(str(stem) + ".txt")  # "x.y.png" -> "x.y.txt"
-        text = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
-        relative = stem.relative_to(root)
-        yield ", ".join(str(p.relative_to(root)) for p in media.values() if p), sample_key(str(relative)), media, text
+    return PairSource({"source": "folder", "input": str(root.resolve())}, _folder_pairs(root))
+
+
+def _folder_pairs(root: Path) -> Iterator[Pair]:
+    """Directory by directory, each in name order (a fixed order: a resumed prep cuts the same chunks);
+    a stem's files share a directory, so only one directory's names are held at a time."""
+    for directory, subdirectories, files in os.walk(root):
+        subdirectories.sort()
+        by_stem: Dict[Path, Media] = {}
+        for name in sorted(files):
+            path = Path(directory) / name
+            kind = _kind(path)
+            if kind:
+                by_stem.setdefault(path.with_suffix(""), {}).setdefault(kind, path)
+        yield from (_folder_pair(root, stem, media) for stem, media in by_stem.items())
+
+
+def _folder_pair(root: Path, stem: Path, media: Media) -> Pair:
+    caption_file = Path(str(stem) + ".txt")  # "x.y.png" -> "x.y.txt"
+    text = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
+    source = ", ".join(str(p.relative_to(root)) for p in media.values() if p)
+    return source, sample_key(str(stem.relative_to(root))), media, text
 
 
 def manifest_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
@@ -65,13 +94,19 @@ def manifest_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
                     except json.JSONDecodeError as error:
                         raise DataError(f"{manifest.name}:{number}: not a JSON object ({error.msg})") from None
     elif suffix == ".parquet":
-        try:
-            table = pq.read_table(manifest)
-        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
-            raise DataError(f"{manifest}: not a readable parquet file ({error})") from None
-        yield from table.to_pylist()
+        yield from _parquet_rows(manifest)
     else:
         raise DataError(f"unsupported manifest {manifest}: use .csv, .jsonl or .parquet")
+
+
+def _parquet_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
+    """Batch by batch: one batch of rows decoded at a time. pre_buffer=False, because pyarrow's default
+    pre-buffering reads the column chunks of every row group up front (memory grows with the file)."""
+    try:
+        for batch in pq.ParquetFile(manifest, pre_buffer=False).iter_batches(batch_size=PARQUET_BATCH_ROWS):
+            yield from batch.to_pylist()
+    except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError
+        raise DataError(f"{manifest}: not a readable parquet file ({error})") from None
 
 
 def manifest_pairs(
@@ -80,6 +115,25 @@ def manifest_pairs(
     caption_column: str = "caption",
     key_column: str = "key",
     audio_column: str = "audio",
+) -> PairSource:
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: no such manifest")
+    status = manifest.stat()
+    identity: Dict[str, object] = {
+        "source": "manifest",
+        "input": str(manifest.resolve()),
+        "bytes": status.st_size,  # an edited manifest is a different input: its chunks would not match
+        "modified_ns": status.st_mtime_ns,
+        "image_column": image_column,
+        "caption_column": caption_column,
+        "key_column": key_column,
+        "audio_column": audio_column,
+    }
+    return PairSource(identity, _manifest_pairs(manifest, image_column, caption_column, key_column, audio_column))
+
+
+def _manifest_pairs(
+    manifest: Path, image_column: str, caption_column: str, key_column: str, audio_column: str
 ) -> Iterator[Pair]:
     root = manifest.parent.resolve()
     for number, row in enumerate(manifest_rows(manifest), start=1):
@@ -115,8 +169,8 @@ def _check(kind: str, path: Path) -> Optional[str]:
         return f"unreadable image: {error}"
 
 
-def _problem(key: str, media: Media, text: str, writer: ShardSetWriter) -> Optional[str]:
-    if writer.has_key(key):
+def _problem(key: str, media: Media, text: str, shard_keys: Set[str]) -> Optional[str]:
+    if key in shard_keys:
         return f"duplicate key {key!r}"
     if not media:
         return "no image or audio"
@@ -134,17 +188,30 @@ def _problem(key: str, media: Media, text: str, writer: ShardSetWriter) -> Optio
     return None
 
 
-def write_pairs(
-    pairs: Iterator[Pair], out_dir: str | Path, samples_per_shard: int = 1000, progress: bool = True
-) -> Dict[str, Any]:
-    with ShardSetWriter(out_dir, samples_per_shard) as writer:
-        for source, key, media, text in tqdm(pairs, desc="prep", unit=" samples", disable=not progress):
-            problem = _problem(key, media, text, writer)
+def write_chunk(shard: Path, pairs: List[Pair]) -> ShardRecord:
+    """One shard from one chunk of pairs (run in a worker process). Keys are checked within the shard:
+    webdataset groups a tar's members by key, so a repeated key there would merge two samples."""
+    record = ShardRecord(rows=len(pairs))
+    shard_keys: Set[str] = set()
+    with atomic_shard(shard) as tar:
+        for source, key, media, text in pairs:
+            problem = _problem(key, media, text, shard_keys)
             if problem:
-                writer.reject(source, problem)
+                record.reject(source, problem)
                 continue
+            shard_keys.add(key)
             sample: Dict[str, Any] = {"__key__": key, "txt": text}
             for path in media.values():
-                sample[path.suffix.lower().lstrip(".")] = path.read_bytes()
-            writer.write(sample)
-    return writer.stats
+                sample[path.suffix.lower().lstrip(".")] = path.read_bytes()  # type: ignore[union-attr]
+            tar.write(sample)
+            record.add(sample)
+    return record
+
+
+def write_pairs(
+    pairs: PairSource, out_dir: str | Path, samples_per_shard: int = 1000, progress: bool = True, workers: int = 1
+) -> Dict[str, Any]:
+    """Shards of `pairs` in `out_dir` (see data_prep.parallel: `workers` processes; a rerun of the same
+    input and settings finishes an interrupted set). Returns the summary of _stats.json; the rejected
+    rows are listed in the file."""
+    return write_resumable(pairs, Path(out_dir), samples_per_shard, pairs.identity, write_chunk, workers, progress)

@@ -5,7 +5,8 @@ An evaluation split in CLIP_benchmark's webdataset layout (`clip_benchmark_names
 
 Each shard is written under a temporary name and renamed when complete, so a directory never holds a
 half-written shard under a final name; sizes.json and _stats.json are written last, and their
-presence marks a finished shard set.
+presence marks a finished shard set. `atomic_shard` and `write_index` are the same steps for writers
+that manage shards themselves (data_prep/parallel.py).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional
 
 import webdataset as wds
 
@@ -78,21 +80,19 @@ class ShardSetWriter:
 
     def close(self) -> Dict[str, object]:
         self._close_current()
-        stats = {
+        summary = {
             "samples": sum(self.sizes.values()),
             "shards": len(self.sizes),
             "fields": dict(self.field_counts),
             "field_bytes": dict(self.field_bytes),
             "rejected": len(self.rejected),
-            "rejected_inputs": self.rejected,
             **self.extra_stats,
         }
         if self.clip_benchmark_names:
             (self.out_dir / "nshards.txt").write_text(f"{len(self.sizes)}\n")
-        (self.out_dir / "sizes.json").write_text(json.dumps(self.sizes, indent=1) + "\n")
-        (self.out_dir / "_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
-        self.stats = stats
-        return stats
+        write_index(self.out_dir, self.sizes, summary, self.rejected)
+        self.stats = {**summary, "rejected_inputs": self.rejected}
+        return self.stats
 
     def __enter__(self) -> "ShardSetWriter":
         return self
@@ -103,6 +103,48 @@ class ShardSetWriter:
         elif self._tar is not None:  # failed: leave no shard and no sizes.json that look finished
             self._tar.close()
             (self.out_dir / (self._name + ".tmp")).unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_shard(path: Path) -> Iterator[wds.TarWriter]:
+    """A TarWriter on `path`'s temporary name, renamed to `path` when the block completes; if the block
+    fails the temporary file is removed, so `path` never names a half-written shard."""
+    temporary = path.with_name(path.name + ".tmp")
+    tar = wds.TarWriter(str(temporary))
+    try:
+        yield tar
+    except BaseException:
+        tar.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    tar.close()
+    os.replace(temporary, path)
+
+
+def write_json(path: Path, value: object) -> None:
+    """`path` holds all of `value` or, after a crash, whatever it held before: never a truncated file."""
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(value, indent=1) + "\n")
+    os.replace(temporary, path)
+
+
+def write_index(
+    out_dir: Path, sizes: Mapping[str, int], summary: Mapping[str, object], rejected: Iterable[Mapping[str, str]]
+) -> None:
+    """sizes.json, then _stats.json: `summary` and every rejected input, one per line. The rejected inputs
+    are streamed from an iterable, so a set with millions of them is written without holding them all.
+    _stats.json comes last and whole (renamed into place): its presence marks a finished set."""
+    write_json(out_dir / "sizes.json", dict(sizes))
+    temporary = out_dir / "_stats.json.tmp"
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write("{\n")
+        for name, value in summary.items():
+            handle.write(f" {json.dumps(name)}: {json.dumps(value)},\n")
+        handle.write(' "rejected_inputs": [')
+        for number, entry in enumerate(rejected):
+            handle.write(("," if number else "") + "\n  " + json.dumps(entry))
+        handle.write("\n ]\n}\n")
+    os.replace(temporary, out_dir / "_stats.json")
 
 
 def brace_pattern(out_dir: str | Path, shards: int) -> str:

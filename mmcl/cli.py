@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -90,10 +92,14 @@ def _prep(args: argparse.Namespace) -> None:
         pairs = manifest_pairs(
             Path(args.input), args.image_column, args.caption_column, args.key_column, args.audio_column
         )
-    stats = write_pairs(pairs, args.out, args.samples_per_shard)
+    workers = args.workers or os.cpu_count() or 1
+    start = time.perf_counter()
+    stats = write_pairs(pairs, args.out, args.samples_per_shard, not args.no_progress, workers)
+    seconds = time.perf_counter() - start
     print(
         f"wrote {stats['samples']} samples in {stats['shards']} shards; rejected {stats['rejected']} "
-        f"(see {Path(args.out) / '_stats.json'})"
+        f"(see {Path(args.out) / '_stats.json'}); {stats['rows']} rows in {seconds:.1f} s with {workers} "
+        f"worker(s): {stats['rows'] / seconds:,.0f} rows/s"
     )
     if not stats["shards"]:
         raise DataError(
@@ -283,6 +289,14 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--caption-column", default="caption")
     prep.add_argument("--audio-column", default="audio")
     prep.add_argument("--key-column", default="key")
+    prep.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="folder, manifest: processes writing shards (default 0: one per CPU core); the shards do not depend "
+        "on it. Rerunning an interrupted folder/manifest prep with the same input and settings finishes it",
+    )
+    prep.add_argument("--no-progress", action="store_true", help="folder, manifest: no progress bar")
     prep.add_argument(
         "--captions-per-image",
         type=int,
