@@ -12,8 +12,8 @@ whole process tree (the command and its workers), sampled every 0.1 s: PSS summe
 (shared pages counted once per process). The 1-worker and 2-worker sets are checked to be the same
 (sizes.json, shard sizes); each set is deleted after its run (1M rows write about 2.5 GB).
 
-    python bench/data_prep.py                  # 1,000,000 and 100,000 rows
-    python bench/data_prep.py --rows 100000 --images 64
+    python bench/prep_scale.py                  # 1,000,000 and 100,000 rows
+    python bench/prep_scale.py --rows 100000 --images 64
 """
 
 from __future__ import annotations
