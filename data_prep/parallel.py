@@ -12,7 +12,7 @@ exists; a rerun keeps finished chunks and writes the others, overwriting any tem
 shard a crash left. When every chunk has its record, the shards holding samples are moved to
 `<out>/{n:06d}.tar` in chunk order, sizes.json and _stats.json are written from the records, and
 `_prep/` is removed. A chunk whose rows were all rejected leaves no shard, so the set stays contiguous
-and holds no empty tar (the mixed stream stops on a slot whose shards give no sample).
+and holds no empty tar, which every reader would open for nothing.
 """
 
 from __future__ import annotations

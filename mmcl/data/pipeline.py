@@ -210,9 +210,20 @@ def _pipeline(
     if shuffle_buffer:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
     if source_of:
-        stages.append(wds.map(lambda sample: {**sample, "__source__": source_of[sample["__url__"]]}))
+        stages.append(_tag_sources(source_of))
     stages.append(lambda samples: _decode_and_batch(samples, inputs, batch_size, partial, skips))
     return wds.DataPipeline(*stages)
+
+
+def _tag_sources(source_of: Mapping[str, int]) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """Each sample tagged in place with the index of its shard's source."""
+
+    def tag(samples: Iterator[dict]) -> Iterator[dict]:
+        for sample in samples:
+            sample["__source__"] = source_of[sample["__url__"]]
+            yield sample
+
+    return tag
 
 
 def _mixed_pipeline(

@@ -174,7 +174,8 @@ def source_samples(
             tried.clear()
             if (read - 1) % every == first:
                 kept += 1
-                yield {**sample, "__source__": index}
+                sample["__source__"] = index  # the sample is a fresh dict: tag it, do not copy it
+                yield sample
         if tried >= set(source.shards):
             raise DataError(
                 f"training source {index} ({source.shards[0]}, ...): none of its {len(source.shards)} "
