@@ -131,8 +131,9 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = math.log(100.0)
     init_logit_bias: Optional[float] = None  # a learnable logit bias (SigLIP: -10), or none
-    # Start from these weights (a fresh run only): an mmcl checkpoint directory, a Hugging Face CLIPModel
-    # directory, or an open_clip checkpoint file (.pt/.bin/.safetensors). Towers it lacks start fresh.
+    # Start from these weights (a fresh run only): an mmcl checkpoint or run directory (its latest checkpoint),
+    # a Hugging Face CLIPModel directory, or an open_clip checkpoint file (.pt/.bin/.safetensors). Towers it
+    # lacks start fresh.
     init_from: str = ""
 
 

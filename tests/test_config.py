@@ -153,6 +153,17 @@ def test_source_errors_are_named(overrides, key, named):
         load_and_check(tiny_overrides(str(SHARD)) + overrides)
 
 
+def test_a_tower_no_source_holds_must_be_frozen_whole():
+    audio_text = sources({**IMAGE_TEXT, "modalities": "[audio, text]"})
+    load_and_check(
+        tiny_overrides("''") + AUDIO + [audio_text, "model.towers.image.locked=true", "data.epoch_samples=64"]
+    )
+    partly = ["model.towers.image.locked=true", "model.towers.image.unlocked_blocks=1"]
+    for settings in ([], ["model.towers.image.locked=false"], partly):
+        with pytest.raises(ConfigError, match=r"'data\.sources'.*'image'.*model\.towers\.image\.locked"):
+            load_and_check(tiny_overrides("''") + AUDIO + [audio_text, *settings])
+
+
 def test_sources_with_an_epoch_length_pass_the_checks():
     image_text = {**IMAGE_TEXT, "fields": "{text: 'json:caption'}"}
     load_and_check(tiny_overrides("''") + [sources(IMAGE_TEXT, image_text), "data.epoch_samples=1000"])

@@ -1,5 +1,6 @@
-"""`model.init_from`: a fresh run's first weights from an mmcl checkpoint, a Hugging Face CLIPModel
-directory or an open_clip checkpoint file, told apart by what the path holds."""
+"""`model.init_from`: a fresh run's first weights from an mmcl checkpoint (or a run directory: its latest
+checkpoint), a Hugging Face CLIPModel directory or an open_clip checkpoint file, told apart by what the
+path holds."""
 
 from __future__ import annotations
 
@@ -12,13 +13,15 @@ from safetensors.torch import load_file
 
 from mmcl.checkpoint.convert import from_open_clip_state
 from mmcl.checkpoint.hf_clip import import_hf_clip
-from mmcl.checkpoint.state import WEIGHTS_FILE
+from mmcl.checkpoint.state import WEIGHTS_FILE, latest
 from mmcl.errors import ConfigError
 
 
 def initial_weights(path: str | Path) -> Dict[str, torch.Tensor]:
     """mmcl-named weights from any of the three formats."""
     path = Path(path)
+    if not path.is_file() and latest(path) is not None:  # a run directory
+        path = latest(path)  # type: ignore[assignment]
     if (path / "config.json").is_file():
         return import_hf_clip(path)[0]
     if (path / WEIGHTS_FILE).is_file():

@@ -58,11 +58,12 @@ class InputSpec:
             raise ValueError("a ragged input cannot have a placeholder")
 
 
-def check_data_config(cfg: DataConfig, kinds: Mapping[str, str], key: str = "data") -> None:
+def check_data_config(cfg: DataConfig, kinds: Mapping[str, str], frozen: Sequence[str] = (), key: str = "data") -> None:
     """A ConfigError naming the key for data settings the towers cannot be fed from, or for local
-    training shards that do not exist. `kinds`: each tower's modality -> what it reads (image, ...)."""
+    training shards that do not exist. `kinds`: each tower's modality -> what it reads (image, ...);
+    `frozen`: the towers frozen whole, which need no samples."""
     modalities = list(kinds)
-    check_sources(cfg, modalities)
+    check_sources(cfg, modalities, frozen)
     field_settings = [(f"{key}.fields", cfg.fields, modalities)] + [
         (f"{key}.sources[{i}].fields", {**cfg.fields, **s.fields}, s.modalities or modalities)
         for i, s in enumerate(cfg.sources)

@@ -91,8 +91,14 @@ def optional_modalities(cfg: DataConfig, modalities: Sequence[str]) -> List[str]
     return [m for m in modalities if m in lacking or m in cfg.optional_modalities]
 
 
-def check_sources(cfg: DataConfig, modalities: Sequence[str]) -> None:
-    """A ConfigError naming the key for a source list that cannot feed these towers."""
+def held_modalities(cfg: DataConfig, modalities: Sequence[str]) -> List[str]:
+    """The towers' modalities the training samples hold: all of them for data.train, else those of some source."""
+    return [m for m in modalities if not cfg.sources or any(m in (s.modalities or modalities) for s in cfg.sources)]
+
+
+def check_sources(cfg: DataConfig, modalities: Sequence[str], frozen: Sequence[str] = ()) -> None:
+    """A ConfigError naming the key for a source list that cannot feed these towers. A tower frozen whole
+    may have no source: it comes along unchanged (ImageBind's binding of a new tower to a frozen pair)."""
     if bool(cfg.train) == bool(cfg.sources):
         raise ConfigError(
             "config key 'data.train': give the training shards as data.train or as data.sources "
@@ -110,10 +116,12 @@ def check_sources(cfg: DataConfig, modalities: Sequence[str]) -> None:
             raise ConfigError(f"config key '{key}': {unknown[0]!r} is not a tower ({', '.join(modalities)})")
         if source.modalities and len(set(source.modalities)) < 2:
             raise ConfigError(f"config key '{key}.modalities': a source must hold two modalities to contrast")
-    held = {m for source in cfg.sources for m in (source.modalities or modalities)}
-    unfed = [m for m in modalities if cfg.sources and m not in held]
-    if unfed:
-        raise ConfigError(f"config key 'data.sources': no source holds the {unfed[0]!r} tower's modality")
+    for modality in modalities:
+        if modality not in held_modalities(cfg, modalities) and modality not in frozen:
+            raise ConfigError(
+                f"config key 'data.sources': no source holds the {modality!r} tower's modality; a tower "
+                f"without samples cannot learn (model.towers.{modality}.locked=true keeps it frozen)"
+            )
 
 
 def source_sequence(weights: Sequence[float], rng: random.Random) -> Iterator[int]:

@@ -43,6 +43,11 @@ def check_tuning(cfg: TowerConfig, key: str, num_blocks: Optional[int]) -> None:
         )
 
 
+def frozen_whole(cfg: TowerConfig) -> bool:
+    """Whether none of the tower's parameters ever trains."""
+    return cfg.locked and not (cfg.unlocked_blocks or cfg.unlocked_norms or cfg.unlock_after_step)
+
+
 def frozen_steps(tower: Tower, cfg: TowerConfig) -> Dict[str, Optional[int]]:
     """For each of the tower's parameters, how many steps from the start it stays unchanged: 0 (it trains
     from the first step), cfg.unlock_after_step, or None (never trains)."""

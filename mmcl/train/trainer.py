@@ -13,7 +13,7 @@ import signal
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -24,12 +24,13 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.init_from import load_initial_weights
 from mmcl.config import Config, RunConfig, parse_fields
 from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
-from mmcl.data.sources import build_mixing, optional_modalities, training_sources
+from mmcl.data.sources import build_mixing, held_modalities, optional_modalities, training_sources
 from mmcl.eval.datasets import check_dataset
 from mmcl.eval.suite import evaluate_all
 from mmcl.eval.zeroshot import check_probe_config
 from mmcl.losses import build_loss, check_loss_config
 from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
+from mmcl.models.tuning import frozen_whole
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
 from mmcl.train.gradcache import build_backward, micro_steps
 from mmcl.train.metrics_log import TrainingLog
@@ -45,11 +46,12 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 def check_config(cfg: Config) -> None:
     """Every component checks its own settings against the towers, before anything is built."""
     config_lib.check_values(cfg)  # again: a config built in Python has not been through load()
-    modalities = list(cfg.model.towers)
     check_model_config(cfg.model)
-    check_data_config(cfg.data, {m: TOWERS.get(t.type).input_kind for m, t in cfg.model.towers.items()})
-    check_loss_config(cfg.loss, modalities, optional_modalities(cfg.data, modalities))
-    check_engine_config(cfg.engine, modalities, cfg.data.batch_size)
+    frozen = [m for m, tower in cfg.model.towers.items() if frozen_whole(tower)]
+    check_data_config(cfg.data, {m: TOWERS.get(t.type).input_kind for m, t in cfg.model.towers.items()}, frozen)
+    fed = held_modalities(cfg.data, list(cfg.model.towers))
+    check_loss_config(cfg.loss, fed, optional_modalities(cfg.data, fed))
+    check_engine_config(cfg.engine, fed, cfg.data.batch_size)
     check_trackers(cfg.run)
     check_probe_config(cfg.eval.linear_probe)
 
@@ -94,11 +96,11 @@ def open_run_dir(cfg: Config) -> Tuple[Path, Optional[Path], str]:
     return run_dir, resume_from, config_yaml
 
 
-def stream_inputs(model: MultiEncoder, cfg: Config) -> Dict[str, InputSpec]:
-    """What the stream must produce: one input per tower, read from the configured shard fields, with a
+def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str]) -> Dict[str, InputSpec]:
+    """What the stream must produce: one input per fed tower, read from the configured shard fields, with a
     placeholder for each modality a sample may lack."""
     preprocess = model.preprocessors(train=True)
-    optional = optional_modalities(cfg.data, model.modalities)
+    optional = optional_modalities(cfg.data, fed)
     return {
         m: InputSpec(
             model.tower(m).input_kind,
@@ -106,7 +108,7 @@ def stream_inputs(model: MultiEncoder, cfg: Config) -> Dict[str, InputSpec]:
             preprocess[m],
             model.tower(m).placeholder() if m in optional else None,
         )
-        for m in model.modalities
+        for m in fed
     }
 
 
@@ -119,6 +121,7 @@ class Trainer:
     def __init__(self, cfg: Config) -> None:
         check_config(cfg)
         self.cfg = cfg
+        self.fed = held_modalities(cfg.data, list(cfg.model.towers))  # the towers fed (others: frozen whole)
         self.device = dist.resolve_device(cfg.engine.device)
         dist.init_from_env(self.device)
         self.run_dir, resume_from, self.config_yaml = open_run_dir(cfg)
@@ -129,10 +132,10 @@ class Trainer:
         self.state, position = RunState(), (0, 0)
         if resume_from is not None:
             position = self._resume(resume_from)
-        sources = training_sources(cfg.data, self.engine.model.modalities)
+        sources = training_sources(cfg.data, self.fed)
         self.stream = TrainStream(
             cfg.data.train,
-            stream_inputs(self.engine.model, cfg),
+            stream_inputs(self.engine.model, cfg, self.fed),
             cfg.data.batch_size,
             cfg.data.workers,
             cfg.data.shuffle_buffer,
@@ -141,7 +144,7 @@ class Trainer:
             mixing=build_mixing(cfg.data, sources),
         )
         self.sources = len(sources)
-        self.optional = optional_modalities(cfg.data, self.engine.model.modalities)
+        self.optional = optional_modalities(cfg.data, self.fed)
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
@@ -168,7 +171,7 @@ class Trainer:
             )
         self.backward = build_backward(cfg.engine.grad_cache)
         batch = cfg.data.batch_size
-        shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, model.modalities, batch))
+        shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, self.fed, batch))
         return build_engine(model.to(self.device), cfg.engine, cfg.optim, shape, self.device)
 
     def train(self) -> RunResult:
