@@ -30,6 +30,7 @@ from mmcl.eval.suite import evaluate_all
 from mmcl.eval.zeroshot import check_probe_config
 from mmcl.losses import build_loss, check_loss_config
 from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
+from mmcl.train.compile import compile_towers
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
 from mmcl.train.gradcache import build_backward, micro_steps
 from mmcl.train.metrics_log import TrainingLog
@@ -167,6 +168,8 @@ class Trainer:
                 cfg.model.init_from,
                 f"; {len(fresh)} parameters start fresh, e.g. {fresh[:3]}" if fresh else "",
             )
+        if cfg.engine.compile:
+            compile_towers(model)
         self.backward = build_backward(cfg.engine.grad_cache)
         batch = cfg.data.batch_size
         shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, model.modalities, batch))
