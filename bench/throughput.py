@@ -193,8 +193,12 @@ def compare_compiled(args, inputs) -> None:
         f"mmcl engine={args.backend}; median of {args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up"
     )
     print(f"first step: eager {first['eager']:.1f} s, compiled {first['compiled']:.1f} s (compilation)")
-    print(f"mmcl eager step:    {eager:9.1f} samples/s")
-    print(f"mmcl compiled step: {compiled:9.1f} samples/s   ratio compiled/eager = {compiled / eager:.3f}")
+    spread = {side: f"rounds {min(r):.1f}..{max(r):.1f}" for side, r in rounds.items()}
+    print(f"mmcl eager step:    {eager:9.1f} samples/s ({spread['eager']})")
+    print(
+        f"mmcl compiled step: {compiled:9.1f} samples/s ({spread['compiled']})   "
+        f"ratio compiled/eager = {compiled / eager:.3f}"
+    )
 
 
 def main() -> None:
