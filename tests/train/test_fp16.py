@@ -251,12 +251,18 @@ def deepspeed_overflow_worker(rank, world, stage, out_dir):
         after = engine.model_state()
         unchanged = all(torch.equal(before[k], after[k]) for k in before)
         results["steps"].append({**metrics, "unchanged": unchanged})
+    # A fresh engine (at the initial scale) resumes the scale from DeepSpeed's checkpoint.
+    engine.save(out_dir / "checkpoint", {})
+    fresh = DeepSpeedEngine(one_layer_model().float(), cfg.engine, cfg.optim, StepShape(10, 12, 1), CPU)
+    results["scales"] = [fresh.engine._get_optimizer_loss_scale()]
+    fresh.load(out_dir / "checkpoint")
+    results["scales"] += [fresh.engine._get_optimizer_loss_scale(), engine.engine._get_optimizer_loss_scale()]
     torch.save(results, out_dir / f"{rank}.pt")
     torch_dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("stage", [0, 2])
-def test_deepspeed_fp16_skips_an_overflow_and_halves_its_scale(tmp_path, stage):
+def test_deepspeed_fp16_skips_an_overflow_halves_its_scale_and_resumes_it(tmp_path, stage):
     launch(deepspeed_overflow_worker, 1, stage, tmp_path)
     results = torch.load(tmp_path / "0.pt")
     assert results["dtypes"] == ["torch.float16"]  # weights, and the inputs cast to them
@@ -265,3 +271,4 @@ def test_deepspeed_fp16_skips_an_overflow_and_halves_its_scale(tmp_path, stage):
     assert [s["overflow"] for s in steps] == [0, 1, 0, 0]
     assert [s["unchanged"] for s in steps] == [False, True, False, False]
     assert all(s["nonfinite"] == 0 for s in steps)
+    assert results["scales"] == [2.0**POWER, 2.0 ** (POWER - 1), 2.0 ** (POWER - 1)]  # fresh, resumed, saved
