@@ -13,6 +13,12 @@ counted by torch's FlopCounterMode on one forward + backward).
 
     python bench/throughput.py --device cuda --preset ViT-B-16 --batch 256 --precision pure_bf16
     python bench/throughput.py --device cpu --preset mmcl-tiny --batch 128 --precision fp32 --backend torch
+
+With --compile the reference is mmcl's own eager step instead of open_clip's: the same model, engine and
+batch, once eager and once with `engine.compile` (each tower through torch.compile), timed alike; the
+first compiled step (inductor's compilation) is reported apart and excluded from the rounds.
+
+    python bench/throughput.py --device cpu --preset mmcl-tiny --batch 64 --precision fp32 --backend torch --compile
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ def autocast_for(args, side: str) -> torch.autocast:
     return torch.autocast(args.device, dtype=torch.bfloat16, enabled=enabled)
 
 
-def build_mmcl(args):
+def build_mmcl(args, compiled: bool = False):
     from mmcl import config as config_lib
     from mmcl.losses import build_loss
     from mmcl.models import MultiEncoder
+    from mmcl.train.compile import compile_towers
     from mmcl.train.engine import StepShape, build_engine
     from mmcl.train.gradcache import build_backward
     from mmcl.train.step import train_step
@@ -66,6 +73,8 @@ def build_mmcl(args):
     )
     torch.manual_seed(0)
     model = MultiEncoder(cfg.model).to(args.device)
+    if compiled:  # as the trainer does with engine.compile: before the engine wraps the model
+        compile_towers(model)
     total = args.warmup + args.rounds * args.steps
     engine = build_engine(model, cfg.engine, cfg.optim, StepShape(total, args.batch, 1), torch.device(args.device))
     loss_fn, backward = build_loss(cfg.loss), build_backward({})
@@ -146,6 +155,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each side, alternating")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="default: from the GPU's name")
+    parser.add_argument("--compile", action="store_true", help="compare mmcl eager with mmcl compiled instead")
     args = parser.parse_args()
     needed = ENGINE_FOR.get(args.precision)
     if args.backend and needed and args.backend != needed:
@@ -154,10 +164,50 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def timed_once(step, inputs, args) -> float:
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(inputs)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def compare_compiled(args, inputs) -> None:
+    """mmcl's step eager against the same step with its towers compiled."""
+    _, eager_step = build_mmcl(args)
+    model, compiled_step = build_mmcl(args, compiled=True)
+    first = {"eager": timed_once(eager_step, inputs, args), "compiled": timed_once(compiled_step, inputs, args)}
+    for _ in range(args.warmup - 1):
+        eager_step(inputs)
+        compiled_step(inputs)
+    rounds: dict = {"eager": [], "compiled": []}
+    for _ in range(args.rounds):  # alternating, so drifts in clock or load touch both alike
+        rounds["eager"].append(samples_per_second(eager_step, inputs, args))
+        rounds["compiled"].append(samples_per_second(compiled_step, inputs, args))
+    eager, compiled = statistics.median(rounds["eager"]), statistics.median(rounds["compiled"])
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(
+        f"device={name} preset={args.preset} batch={args.batch} precision regime={args.precision} "
+        f"mmcl engine={args.backend}; median of {args.rounds} rounds of {args.steps} steps after {args.warmup} warm-up"
+    )
+    print(f"first step: eager {first['eager']:.1f} s, compiled {first['compiled']:.1f} s (compilation)")
+    spread = {side: f"rounds {min(r):.1f}..{max(r):.1f}" for side, r in rounds.items()}
+    print(f"mmcl eager step:    {eager:9.1f} samples/s ({spread['eager']})")
+    print(
+        f"mmcl compiled step: {compiled:9.1f} samples/s ({spread['compiled']})   "
+        f"ratio compiled/eager = {compiled / eager:.3f}"
+    )
+
+
 def main() -> None:
     args = parse_args()
     name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     inputs = batch_for(args)
+    if args.compile:
+        compare_compiled(args, inputs)
+        return
     reference_model, reference_step = build_open_clip(args)
     model, step = build_mmcl(args)
     for _ in range(args.warmup):

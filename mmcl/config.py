@@ -174,12 +174,31 @@ class OptimConfig:
 
 
 @dataclass
+class LossScaleConfig:
+    """fp16's dynamic loss scale, DeepSpeed's rules and defaults (its fp16 section); the torch engine
+    follows the same rules with torch.amp.GradScaler. A step whose gradients overflow is skipped."""
+
+    initial_scale_power: int = at_least(16, 0)  # the scale starts at 2**initial_scale_power
+    loss_scale_window: int = at_least(1000, 1)  # steps without an overflow before the scale doubles
+    # Overflows absorbed before the scale is first halved (the count is reset whenever it doubles).
+    hysteresis: int = at_least(2, 1)
+    # The scale's floor; an overflow at the floor counts as a non-finite step (optim.max_nonfinite_steps).
+    min_loss_scale: int = at_least(1, 1)
+
+
+@dataclass
 class EngineConfig:
     backend: str = choice("torch", "deepspeed")  # torch: one process; deepspeed: any number
     zero_stage: int = choice(0, 1, 2, 3)  # deepspeed: ZeRO stage 0 (data parallel), 1, 2 or 3
     # The device every process computes on, and so the process group's backend (cpu: gloo, cuda: NCCL).
     device: str = choice("auto", "cpu", "cuda")  # auto: cuda when a GPU is visible
-    precision: str = choice("fp32", "bf16")
+    # fp32; bf16 or fp16 autocast (torch: fp32 weights; deepspeed: bf16/fp16 weights, fp32 master copies).
+    # fp16 scales the loss dynamically (engine.loss_scale) so that small gradients do not underflow.
+    precision: str = choice("fp32", "bf16", "fp16")
+    loss_scale: LossScaleConfig = field(default_factory=LossScaleConfig)  # fp16 only
+    # Compile every tower with torch.compile (in place: parameter names, checkpoints and conversion
+    # are unchanged). The first steps are slower while it compiles, and again for each new input shape.
+    compile: bool = False
     # Gradient cache: modality -> chunk size (rows embedded with autograd at a time); empty: plain backward.
     grad_cache: Dict[str, int] = field(default_factory=dict)
 

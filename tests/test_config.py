@@ -81,6 +81,14 @@ def test_wrong_type_is_named():
         ("loss.same_modality_negatives=true", None),  # offered by infonce (the default loss)
         ("loss.name=hn_nce", None),
         ("model.towers.image.options.patch_size=4", None),  # valid: a control for the list's neighbours
+        ("engine.precision=fp8", "engine.precision"),
+        ("engine.loss_scale.min_loss_scale=0", "engine.loss_scale.min_loss_scale"),
+        ("engine.loss_scale.loss_scale_window=0", "engine.loss_scale.loss_scale_window"),
+        ("engine.loss_scale.hysteresis=0", "engine.loss_scale.hysteresis"),
+        ("engine.loss_scale.initial_scale_power=-1", "engine.loss_scale.initial_scale_power"),
+        ("engine.loss_scale.initial_scale_power=2", None),  # the default floor 1 is below 2**2
+        ("engine.precision=fp16", None),
+        ("engine.compile=true", None),
     ],
 )
 def test_semantic_errors_are_named(override, key):
@@ -232,6 +240,12 @@ def test_missing_training_shards_stop_the_run_before_any_compute(tmp_path, train
 
 def test_a_config_built_in_python_is_checked_too():
     cfg = config_lib.load(None, tiny_overrides(str(SHARD)))
-    cfg.engine.precision = "fp16"  # never through load()
+    cfg.engine.precision = "fp8"  # never through load()
     with pytest.raises(ConfigError, match=r"engine\.precision"):
         check_config(cfg)
+
+
+def test_a_loss_scale_floor_above_its_start_is_named():
+    overrides = ["engine.loss_scale.initial_scale_power=3", "engine.loss_scale.min_loss_scale=16"]  # 16 > 2**3
+    with pytest.raises(ConfigError, match=r"engine\.loss_scale\.min_loss_scale"):
+        load_and_check(tiny_overrides(str(SHARD)) + overrides)

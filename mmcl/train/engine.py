@@ -2,10 +2,11 @@
 
 Both engines keep one contract (`Engine`), so the step, the gradient cache, checkpoints and the trainer
 never ask which one they hold:
-- "torch": one process, plain PyTorch AdamW, clipping and schedule.
-- "deepspeed": any number of processes, ZeRO stage 0-3, bf16. DeepSpeed counts micro-steps itself
-  (gradient_accumulation_steps = backward calls per step, e.g. the gradient cache's chunks), so
-  `backward` is DeepSpeed's backward + step and the optimiser moves on the last micro-step.
+- "torch": one process, plain PyTorch AdamW, clipping and schedule; fp16 through torch.amp.GradScaler.
+- "deepspeed": any number of processes, ZeRO stage 0-3, bf16 or fp16 (with DeepSpeed's own loss
+  scaling). DeepSpeed counts micro-steps itself (gradient_accumulation_steps = backward calls per step,
+  e.g. the gradient cache's chunks), so `backward` is DeepSpeed's backward + step and the optimiser
+  moves on the last micro-step.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from mmcl.config import EngineConfig, OptimConfig
 from mmcl.errors import ConfigError
 from mmcl.models import Encoded, MultiEncoder
 from mmcl.train.optim import build_optimizer, build_schedule
+from mmcl.train.precision import DynamicLossScale, build_loss_scale, deepspeed_precision, weights_dtype
 
 TORCH_STATE_FILE = "engine.pt"
 
@@ -43,7 +45,8 @@ class Engine(Protocol):
         """One micro-step's gradients."""
 
     def step(self) -> Dict[str, float]:
-        """The optimiser step after the step's last backward: {"grad_norm", "lr", "nonfinite"}."""
+        """The optimiser step after the step's last backward: {"grad_norm", "lr", "nonfinite"}, and under
+        fp16 {"loss_scale" (the one this step used), "overflow" (1: skipped for it)}."""
 
     def save(self, directory: Path, client_state: Dict[str, Any]) -> None:
         """Collective: the engine's full state (sharded under ZeRO) into `directory`."""
@@ -56,6 +59,12 @@ class Engine(Protocol):
 
 
 def check_engine_config(cfg: EngineConfig, modalities: Sequence[str], batch_size: int, key: str = "engine") -> None:
+    scale = cfg.loss_scale
+    if scale.min_loss_scale > 2**scale.initial_scale_power:
+        raise ConfigError(
+            f"config key '{key}.loss_scale.min_loss_scale': {scale.min_loss_scale} is above the initial scale "
+            f"2**{key}.loss_scale.initial_scale_power = {2**scale.initial_scale_power}"
+        )
     for modality, chunk in cfg.grad_cache.items():
         if modality not in modalities:
             raise ConfigError(f"config key '{key}.grad_cache.{modality}': no tower {modality!r}")
@@ -73,6 +82,7 @@ class TorchEngine:
         optim: OptimConfig,
         total_steps: int,
         optimizer: Optional[torch.optim.Optimizer] = None,
+        loss_scale: Optional[DynamicLossScale] = None,
     ) -> None:
         if dist.world_size() > 1:
             raise ConfigError(
@@ -83,26 +93,32 @@ class TorchEngine:
         self.optimizer = optimizer or build_optimizer(model, optim)
         self.scheduler = build_schedule(self.optimizer, optim, total_steps)
         self.grad_clip = optim.grad_clip
+        self.loss_scale = loss_scale  # fp16 only
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> Encoded:
         return self.model(inputs)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.loss_scale.scale(loss) if self.loss_scale else loss).backward()
 
     def step(self) -> Dict[str, float]:
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.loss_scale:  # clipping and the logged norm are about the true gradients
+            self.loss_scale.unscale(self.optimizer)
         if self.grad_clip > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
         else:  # measured for the log only: clipping at infinity would still rescale every gradient by 1
             grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         lr = self.optimizer.param_groups[0]["lr"]
         finite = bool(torch.isfinite(grad_norm))
-        if finite:  # a NaN/Inf gradient would poison every weight it touches: skip the update
+        metrics = {"grad_norm": grad_norm.item(), "lr": lr, "nonfinite": float(not finite)}
+        if self.loss_scale:  # an overflow skips the step and lowers the scale: normal under fp16
+            metrics.update(self.loss_scale.step(self.optimizer, finite))
+        elif finite:  # a NaN/Inf gradient would poison every weight it touches: skip the update
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"grad_norm": grad_norm.item(), "lr": lr, "nonfinite": float(not finite)}
+        return metrics
 
     def save(self, directory: Path, client_state: Dict[str, Any]) -> None:
         state = {
@@ -111,6 +127,8 @@ class TorchEngine:
             "scheduler": self.scheduler.state_dict(),
             "client": client_state,
         }
+        if self.loss_scale:
+            state["loss_scale"] = self.loss_scale.state_dict()
         torch.save(state, Path(directory) / TORCH_STATE_FILE)
 
     def load(self, directory: Path) -> Dict[str, Any]:
@@ -118,6 +136,8 @@ class TorchEngine:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.loss_scale and "loss_scale" in state:  # absent from an fp32/bf16 run's checkpoint: start afresh
+            self.loss_scale.load_state_dict(state["loss_scale"])
         return state["client"]
 
     def model_state(self) -> Dict[str, torch.Tensor]:
@@ -131,6 +151,19 @@ class StepShape:
     total_steps: int  # optimiser steps in the whole run
     micro_batch: int  # samples each process puts through one backward call
     micro_steps: int  # backward calls per optimiser step (the gradient cache's chunks)
+
+
+def deepspeed_config(cfg: EngineConfig, optim: OptimConfig, shape: StepShape) -> Dict[str, Any]:
+    """DeepSpeed's config for this run (its batch accounting, clipping, ZeRO stage and precision)."""
+    return {
+        "train_micro_batch_size_per_gpu": shape.micro_batch,
+        "gradient_accumulation_steps": shape.micro_steps,
+        "gradient_clipping": optim.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        **deepspeed_precision(cfg),
+        "steps_per_print": 2**31,
+        "zero_allow_untested_optimizer": True,
+    }
 
 
 class DeepSpeedEngine:
@@ -152,28 +185,25 @@ class DeepSpeedEngine:
         dist.init_from_env(device, lone_group=True)  # DeepSpeed uses the launcher's process group; it must exist first
         optimizer = optimizer or build_optimizer(model, optim)
         scheduler = build_schedule(optimizer, optim, shape.total_steps)
-        ds_config = {
-            "train_micro_batch_size_per_gpu": shape.micro_batch,
-            "gradient_accumulation_steps": shape.micro_steps,
-            "gradient_clipping": optim.grad_clip,
-            "zero_optimization": {"stage": cfg.zero_stage},
-            "bf16": {"enabled": cfg.precision == "bf16"},
-            "steps_per_print": 2**31,
-            "zero_allow_untested_optimizer": True,
-        }
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, dist_init_required=False
+            model=model,
+            optimizer=optimizer,
+            lr_scheduler=scheduler,
+            config=deepspeed_config(cfg, optim, shape),
+            dist_init_required=False,
         )
         self.gathered_parameters = deepspeed.zero.GatheredParameters
         self._grad_norm = float("nan")
-        self.dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        self.dtype = weights_dtype(cfg.precision)
+        self.fp16 = cfg.precision == "fp16"
+        self._scale_metrics: Dict[str, float] = {}
 
     @property
     def model(self) -> MultiEncoder:
         return self.engine.module
 
     def forward(self, inputs: Mapping[str, torch.Tensor]) -> Encoded:
-        # With bf16, DeepSpeed holds the weights in bf16 (fp32 master copies in the optimiser):
+        # With bf16/fp16, DeepSpeed holds the weights in that dtype (fp32 master copies in the optimiser):
         # floating-point inputs must match them. Token ids stay integers.
         inputs = {m: x.to(self.dtype) if x.is_floating_point() else x for m, x in inputs.items()}
         return self.engine(inputs)
@@ -181,10 +211,20 @@ class DeepSpeedEngine:
     def backward(self, loss: torch.Tensor) -> None:
         boundary = self.engine.is_gradient_accumulation_boundary()
         # scale_wrt_gas=False: each micro-step's loss is already its exact share of the batch loss.
-        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.backward(loss, scale_wrt_gas=False)  # under fp16, DeepSpeed scales the loss first
+        if boundary and self.fp16:  # DeepSpeed's fp16 optimisers check the scaled gradients themselves
+            self._step_with_loss_scale()
+            return
         if boundary and self.engine.get_global_grad_norm() is None:
             self._drop_nonfinite_gradients()
         self.engine.step()  # a no-op until the last micro-step of the batch
+
+    def _step_with_loss_scale(self) -> None:
+        """The last micro-step under fp16: DeepSpeed's step, noting the scale it used and whether it
+        skipped the update for an overflow (it then leaves the schedule where it was)."""
+        scale, skipped = self.engine._get_optimizer_loss_scale(), self.engine.skipped_steps  # no public getter
+        self.engine.step()
+        self._scale_metrics = {"loss_scale": float(scale), "overflow": float(self.engine.skipped_steps > skipped)}
 
     def _drop_nonfinite_gradients(self) -> None:
         # Without ZeRO, DeepSpeed clips but does not keep the norm: measure the averaged gradients before
@@ -201,11 +241,14 @@ class DeepSpeedEngine:
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is None:
             grad_norm = self._grad_norm
-        # A NaN/Inf gradient norm means the update was skipped (by ZeRO's overflow check, or above).
+        # A NaN/Inf gradient norm means the update was skipped (by ZeRO's overflow check, or above). Under
+        # fp16 that is an overflow, which lowers the scale (DeepSpeed stops the run at its floor).
+        nonfinite = not math.isfinite(float(grad_norm)) and not self._scale_metrics.get("overflow")
         return {
             "grad_norm": float(grad_norm),
-            "nonfinite": float(not math.isfinite(float(grad_norm))),
+            "nonfinite": float(nonfinite),
             "lr": self.scheduler.get_last_lr()[0] if self.scheduler else float("nan"),
+            **self._scale_metrics,
         }
 
     def save(self, directory: Path, client_state: Dict[str, Any]) -> None:
@@ -227,4 +270,4 @@ def build_engine(
 ) -> Engine:
     if cfg.backend == "deepspeed":
         return DeepSpeedEngine(model, cfg, optim, shape, device)
-    return TorchEngine(model, optim, shape.total_steps)
+    return TorchEngine(model, optim, shape.total_steps, loss_scale=build_loss_scale(cfg, device))

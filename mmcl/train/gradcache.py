@@ -133,13 +133,16 @@ class GradCache:
         """
         grad_chunks = {m: grads[m].split(len(chunks[m][0])) for m in chunks}
         for number, micro_step in enumerate(self.plan(chunks)):
-            surrogate: Any = 0.0  # a python number, so the surrogate keeps the embeddings' dtype
+            surrogate: Any = 0.0  # a python number, so the surrogate keeps the (widened) embeddings' dtype
             for m, index in micro_step:
                 _set_rng_state(states[m][index])
                 with autocast:
                     encoded = engine.forward({m: chunks[m][index]})
-                embeddings = encoded.embeddings[m]
-                surrogate = surrogate + torch.sum(embeddings * grad_chunks[m][index].to(embeddings.dtype))
+                # The product in float32 (or wider), as the loss was: the engine scales the surrogate under
+                # fp16, and only the scaled gradient is cast to the embeddings' dtype on its way back.
+                # Casting the cached gradient itself to fp16 would zero its small entries (below ~6e-8),
+                # the very underflow the loss scale exists to prevent. (B, D) * (B, D) -> ()
+                surrogate = surrogate + torch.sum(_wide(encoded.embeddings[m]) * grad_chunks[m][index])
             if number == 0:
                 surrogate = surrogate + encoded.logit_scale * grads["scale"]
                 if encoded.logit_bias is not None:

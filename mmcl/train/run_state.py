@@ -21,6 +21,9 @@ class RunState:
     samples_skipped: int = 0  # unreadable samples this process's stream dropped (each process keeps its own)
     nonfinite_steps: int = 0  # steps with a NaN/Inf loss or gradient (their updates were skipped)
     nonfinite_in_a_row: int = 0
+    # fp16 steps skipped because the scaled gradients overflowed: normal while the loss scale settles
+    # (it starts high), so they do not count as non-finite steps.
+    overflow_steps: int = 0
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))  # the trackers' (W&B) id of this run
     samples_per_source: List[int] = field(default_factory=list)  # by every process, per "::" source of data.train
 
@@ -31,6 +34,7 @@ class RunState:
         self.samples_skipped += batch.skipped
         self.nonfinite_steps += int(bad)
         self.nonfinite_in_a_row = self.nonfinite_in_a_row + 1 if bad else 0
+        self.overflow_steps += int(metrics.get("overflow", 0.0) > 0)
 
     def count_sources(self, drawn: List[int]) -> None:
         """Add one step's samples per source (summed over the processes)."""

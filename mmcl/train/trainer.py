@@ -31,9 +31,11 @@ from mmcl.eval.zeroshot import check_probe_config
 from mmcl.losses import build_loss, check_loss_config
 from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
 from mmcl.models.tuning import frozen_whole
+from mmcl.train.compile import compile_towers
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
 from mmcl.train.gradcache import build_backward, micro_steps
 from mmcl.train.metrics_log import TrainingLog
+from mmcl.train.precision import build_autocast
 from mmcl.train.run_state import RunState, check_health
 from mmcl.train.step import train_step
 from mmcl.train.trackers import check_trackers
@@ -145,7 +147,7 @@ class Trainer:
         )
         self.sources = len(sources)
         self.optional = optional_modalities(cfg.data, self.fed)
-        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.engine.precision == "bf16")
+        self.autocast = build_autocast(cfg.engine.precision, self.device)
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
         """Restore the engine, the RNG and the run state from `checkpoint`; this process's stream position."""
@@ -169,6 +171,8 @@ class Trainer:
                 cfg.model.init_from,
                 f"; {len(fresh)} parameters start fresh, e.g. {fresh[:3]}" if fresh else "",
             )
+        if cfg.engine.compile:
+            compile_towers(model)
         self.backward = build_backward(cfg.engine.grad_cache)
         batch = cfg.data.batch_size
         shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, self.fed, batch))
@@ -204,6 +208,8 @@ class Trainer:
         self.state.advance(batch, metrics)
         self.state.count_sources(dist.sum_over_ranks(self.drawn_per_source(batch)))
         metrics["nonfinite_steps"] = self.state.nonfinite_steps
+        if "loss_scale" in metrics:  # fp16
+            metrics["overflow_steps"] = self.state.overflow_steps
         metrics.update({f"samples_source{i}": n for i, n in enumerate(self.state.samples_per_source)})
         check_health(self.state, self.cfg.optim.max_nonfinite_steps, self.cfg.data.max_skipped_fraction)
         return metrics
