@@ -63,6 +63,19 @@ class KeepBest:
         state.best_value, state.best_step = value, state.step
         return True
 
+    def restore(self, state: RunState, run_dir: Path) -> None:
+        """On resume (process 0): a crash after a best checkpoint was published but before `best` was
+        pointed at it leaves the run state naming it; point `best` there, or pruning would take it."""
+        named = checkpoints.checkpoint_root(run_dir) / f"step_{state.best_step:08d}"
+        if (
+            self.metric
+            and state.best_value is not None
+            and dist.rank() == 0
+            and (named / checkpoints.META_FILE).exists()
+        ):
+            if checkpoints.best(run_dir) != named:
+                checkpoints.point_best(run_dir, named)
+
     def observe_final(self, state: RunState, results: Results, run_dir: Path) -> None:
         """After the final evaluation, past the last step's checkpoint (collective): when it is a new
         best, that checkpoint's meta data records the value and `best` names it."""

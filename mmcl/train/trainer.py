@@ -152,6 +152,7 @@ class Trainer:
             cfg, val_inputs, self.optional, self.engine, self.loss_fn, self.autocast, self.device
         )
         self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)
+        self.best.restore(self.state, self.run_dir)
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
         """Restore the engine, the RNG and the run state from `checkpoint`; this process's stream position."""

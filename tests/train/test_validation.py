@@ -180,8 +180,39 @@ def test_best_pointer_follows_better_then_worse_and_pruning_spares_it(tmp_path):
         assert checkpoints.read_meta(checkpoints.best(tmp_path))["best_value"] == values[expected[step]]
         kept = {p.name for p in (tmp_path / "checkpoints").glob("step_*")}
         assert kept == {f"step_{s:08d}" for s in {step, expected[step]}}, step  # keep_last=1, plus the best
+    # A crash after step 7's best checkpoint was published, before `best` named it: the resumed run's
+    # state names step 7, and `best` is pointed there.
+    state.step, state.best_value, state.best_step = 7, 1.0, 7
+    checkpoints.save(tmp_path, 7, engine, {**asdict(state), "data_position": [(0, 0)]}, "{}", keep_last=1)
+    assert checkpoints.best(tmp_path).name == "step_00000004"
+    keep.restore(RunState.from_meta(checkpoints.read_meta(checkpoints.latest(tmp_path))), tmp_path)
+    assert checkpoints.best(tmp_path).name == "step_00000007"
     higher = KeepBest("digits/acc1", "auto")
     assert not higher.lower and KeepBest("digits/acc1", "min").lower and not KeepBest("val_loss", "max").lower
+
+
+def test_best_by_an_evaluation_metric_includes_the_final_evaluation(tmp_path, digits_root):
+    """keep_best=digits/acc1 (higher is better): evaluations at steps 2 and 4 during training, the final
+    one at step 6 after the last checkpoint; `best` names the step of the highest acc1."""
+    settings = {
+        "run.keep_best": "digits/acc1",
+        "run.checkpoint_every": 100,  # checkpoints only where a best forces one, and at the last step
+        "run.keep_last": 1,
+        "eval.datasets": f"[{digits_root}]",
+        "eval.every_steps": 2,
+        "eval.linear_probe.mode": "none",
+        "optim.lr": 3e-3,
+    }
+    train(config_lib.load(None, overrides(digits_root, tmp_path, "run", False, **settings)))
+    run = tmp_path / "run"
+    acc = {r["step"]: r["results"]["digits"]["acc1"] for r in read_records(run / "eval_history.jsonl")}
+    acc[STEPS] = json.loads((run / "eval.json").read_text())["digits"]["acc1"]
+    assert sorted(acc) == [2, 4, 6]
+    best_step = max(acc, key=lambda step: (acc[step], -step))  # a tie keeps the earlier
+    assert checkpoints.best(run).name == f"step_{best_step:08d}"
+    for checkpoint in (checkpoints.best(run), checkpoints.latest(run)):  # both record the best so far
+        meta = checkpoints.read_meta(checkpoint)
+        assert (meta["best_value"], meta["best_step"]) == (acc[best_step], best_step)
 
 
 SAVER = """
