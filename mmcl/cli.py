@@ -235,7 +235,10 @@ def _eval(args: argparse.Namespace) -> None:
 
 
 def _checkpoint_dir(path: Path) -> Path:
-    """A checkpoint directory, or a run directory's latest checkpoint."""
+    """A checkpoint directory, a run directory's latest checkpoint, or its best (RUN/best)."""
+    pointed = checkpoints.from_pointer(path)
+    if pointed is not None:
+        return pointed
     if (path / "checkpoints").exists():
         latest = checkpoints.latest(path)
         if latest is None:
@@ -335,7 +338,8 @@ def parser() -> argparse.ArgumentParser:
         "checkpoint",
         nargs="+",
         metavar="MODEL",
-        help="an mmcl checkpoint or run directory, or an open_clip architecture and checkpoint file as ARCH=FILE "
+        help="an mmcl checkpoint or run directory (RUN/best: its best checkpoint), or an open_clip architecture "
+        "and checkpoint file as ARCH=FILE "
         "(e.g. ViT-B-32=ViT-B-32.pt); with --open-clip, one checkpoint file. Several models are compared, each "
         "named by its run.name or ARCH; two models sharing a name are told apart by their paths' stems (NAME-STEM)",
     )
@@ -373,7 +377,7 @@ def parser() -> argparse.ArgumentParser:
     conversion.add_argument("target", choices=["open-clip", "hf", "from-hf", "zero-fp32"])
     conversion.add_argument(
         "checkpoint",
-        help="checkpoint directory or run directory (its latest checkpoint); from-hf: a CLIPModel directory",
+        help="checkpoint directory, run directory (its latest checkpoint) or RUN/best; from-hf: a CLIPModel directory",
     )
     conversion.add_argument(
         "--out", required=True, help="open-clip, hf, from-hf: output directory; zero-fp32: output file"

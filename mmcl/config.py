@@ -52,6 +52,12 @@ class RunConfig:
     log_every: int = at_least(10, 1)
     checkpoint_every: int = at_least(500, 1)
     keep_last: int = at_least(2, 1)
+    # Keep the checkpoint of the best value of this metric: "val_loss" (needs data.val) or an evaluation's
+    # "<dataset>/<metric>" as eval.json names them ("digits/image_acc1"). checkpoints/best names it, and
+    # keep_last's pruning spares it. "": off.
+    keep_best: str = ""
+    # Which way is better: auto is lower for a name ending in "loss", higher for any other.
+    keep_best_mode: str = choice("auto", "min", "max")
     resume: str = ""  # "" (fresh run), "latest", or a checkpoint directory
     progress: bool = True
     log_samples: bool = False  # write each step's sample keys to samples_rank<R>.jsonl (audit / debugging)
@@ -79,6 +85,9 @@ class DataConfig:
     # Shard URLs, brace notation; several sources joined by "::" are read in proportion to their size,
     # every shard once an epoch. Or data.sources, not both.
     train: str = ""
+    # Held-out shard URLs, brace notation, read through data.fields like data.train: the validation loss
+    # (eval.val_every). "": none.
+    val: str = ""
     sources: List[SourceConfig] = field(default_factory=list)  # sources mixed by weight, sample by sample
     resampled: bool = False  # draw shards with replacement, endlessly (open_clip's --dataset-resampled)
     # A mixed (data.sources) or resampled epoch's length in samples, over all processes: the unit a resume
@@ -222,6 +231,9 @@ class EvalConfig:
     batch_size: int = at_least(256, 1)
     recall_k: List[int] = field(default_factory=lambda: [1, 5, 10])
     every_steps: int = at_least(0, 0)  # also evaluate during training every N steps (0: only at the end)
+    val_every: int = at_least(0, 0)  # the training loss on data.val every N steps, logged as val_loss (0: never)
+    # Global batches (data.batch_size x processes) of data.val the validation loss reads: 0, all full ones.
+    val_batches: int = at_least(0, 0)
     linear_probe: ProbeConfig = field(default_factory=lambda: ProbeConfig())
 
 

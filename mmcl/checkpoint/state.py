@@ -4,7 +4,8 @@ A checkpoint directory holds the engine's state (engine.pt, or DeepSpeed's shard
 rng_<rank>.pt per process, the full weights (model.safetensors), config.yaml and meta.json. Every
 process writes into a hidden temporary directory; process 0 renames it into place only when all have
 finished, then replaces
-`latest` atomically, so a crash mid-save never leaves a partial checkpoint as the latest one.
+`latest` atomically, so a crash mid-save never leaves a partial checkpoint as the latest one. A save
+that is the run's best so far (run.keep_best) then replaces `best` the same way; pruning spares it.
 Our own files load with `weights_only=True`: no arbitrary unpickling.
 """
 
@@ -24,6 +25,7 @@ from mmcl import dist
 from mmcl.errors import CheckpointError
 
 LATEST_FILE = "latest"
+BEST_FILE = "best"  # names the checkpoint of the best value of run.keep_best's metric
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"  # the full model weights, for evaluation and conversion
 DEEPSPEED_TAG = "deepspeed"  # the folder DeepSpeed's own (sharded) files go in, inside a checkpoint
@@ -67,9 +69,16 @@ def _restore_rng(states: Dict[str, Any]) -> None:
 
 
 def save(
-    run_dir: Path, step: int, engine: Checkpointable, meta: Dict[str, Any], config_yaml: str, keep_last: int
+    run_dir: Path,
+    step: int,
+    engine: Checkpointable,
+    meta: Dict[str, Any],
+    config_yaml: str,
+    keep_last: int,
+    best: bool = False,
 ) -> Path:
-    """Collective: every process calls it with the same step; returns the checkpoint directory."""
+    """Collective: every process calls it with the same step; returns the checkpoint directory. `best`:
+    `best` names it too, once it is complete."""
     root = checkpoint_root(run_dir)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}"
@@ -98,6 +107,8 @@ def save(
         ) from error
     if dist.rank() == 0:
         _publish(root, tmp, final)
+        if best:
+            _point(root, BEST_FILE, final)
         _prune(root, keep_last)
     dist.barrier()
     return final
@@ -113,9 +124,14 @@ def _publish(root: Path, tmp: Path, final: Path) -> None:
             return
         shutil.rmtree(final)  # left by a crash between its rename and the `latest` update
     os.rename(tmp, final)
-    latest_tmp = root / f".{LATEST_FILE}.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / LATEST_FILE)
+    _point(root, LATEST_FILE, final)
+
+
+def _point(root: Path, pointer: str, checkpoint: Path) -> None:
+    """Replace the pointer file (`latest`, `best`) atomically: it names `checkpoint` or what it named."""
+    tmp = root / f".{pointer}.tmp"
+    tmp.write_text(checkpoint.name + "\n")
+    os.replace(tmp, root / pointer)
     _fsync_dir(root)
 
 
@@ -128,22 +144,64 @@ def _fsync_tree(path: Path) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
+    """Keep the last `keep_last` checkpoints, and the one `best` names."""
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    kept = best(root.parent)
     for old in steps[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old != kept:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _pointed(run_dir: Path, pointer: str) -> Optional[Path]:
+    file = checkpoint_root(run_dir) / pointer
+    if not file.exists():
+        return None
+    path = checkpoint_root(run_dir) / file.read_text().strip()
+    return path if (path / META_FILE).exists() else None
 
 
 def latest(run_dir: Path) -> Optional[Path]:
-    pointer = checkpoint_root(run_dir) / LATEST_FILE
-    if not pointer.exists():
-        return None
-    path = checkpoint_root(run_dir) / pointer.read_text().strip()
-    return path if (path / META_FILE).exists() else None
+    """The newest complete checkpoint, or None."""
+    return _pointed(run_dir, LATEST_FILE)
+
+
+def best(run_dir: Path) -> Optional[Path]:
+    """The checkpoint of the best value of run.keep_best's metric so far, or None."""
+    return _pointed(run_dir, BEST_FILE)
+
+
+def point_best(run_dir: Path, checkpoint: Path) -> None:
+    """Process 0: `best` names this complete checkpoint from now on."""
+    _point(checkpoint_root(run_dir), BEST_FILE, checkpoint)
+
+
+def update_meta(checkpoint: Path, fields: Dict[str, Any]) -> None:
+    """Process 0: set fields of a complete checkpoint's meta data, atomically (the file is replaced)."""
+    meta = {**read_meta(checkpoint), **fields}
+    tmp = Path(checkpoint) / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta) + "\n")
+    os.replace(tmp, Path(checkpoint) / META_FILE)
+    _fsync_dir(Path(checkpoint))
 
 
 def run_dir_of(checkpoint: Path) -> Path:
     """The run directory a checkpoint directory belongs to (<run>/checkpoints/step_N)."""
     return Path(checkpoint).parent.parent
+
+
+def from_pointer(path: Path) -> Optional[Path]:
+    """A run directory's checkpoint named by a pointer written as a path: <run>/best or <run>/latest
+    (shorthands, no such file exists), or the pointer file itself, <run>/checkpoints/best; else None."""
+    path = Path(path)
+    if path.name not in (LATEST_FILE, BEST_FILE) or path.is_dir():
+        return None
+    run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+    if not checkpoint_root(run_dir).is_dir():
+        return None
+    found = _pointed(run_dir, path.name)
+    if found is None:
+        raise CheckpointError(f"{path}: {run_dir} has no complete {path.name} checkpoint")
+    return found
 
 
 def resolve(run_dir: Path, resume: str) -> Optional[Path]:

@@ -358,6 +358,30 @@ def build_eval_loader(
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers)
 
 
+def held_out_batches(
+    urls: str, inputs: Dict[str, InputSpec], batch_size: int, rank: int, world: int
+) -> Iterator[Batch]:
+    """This process's rows of every global batch of `batch_size` x `world` samples of these shards, read
+    in one fixed order (shards as listed, samples as each holds them; no shuffle, nothing seeded), in
+    process. Every process reads every shard but decodes only its rows (rank r: rows r*B..r*B+B-1 of
+    each global batch), so a global batch holds the same samples whatever the number of processes. The
+    last batch may be partial; unreadable samples are skipped and counted in `Batch.skipped`."""
+    skips = SkipLog()
+
+    def mine(samples: Iterator[dict]) -> Iterator[dict]:
+        for index, sample in enumerate(samples):
+            if index % (batch_size * world) // batch_size == rank:
+                yield sample
+
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(expand_urls(urls)),
+        wds.tarfile_to_samples(handler=skips.tar_error),
+        mine,
+        lambda samples: _decode_and_batch(samples, inputs, batch_size, True, skips),
+    )
+    return iter(pipeline)
+
+
 def batches_from_samples(samples: Iterator[dict], inputs: Dict[str, InputSpec], batch_size: int) -> Iterator[Batch]:
     """The decode-and-batch stage over samples that are not in shards (e.g. a folder of files), in order,
     the last batch partial; unreadable samples are skipped and counted as in the stream."""

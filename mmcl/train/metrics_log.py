@@ -17,6 +17,7 @@ from mmcl.data import Batch
 from mmcl.plotting import pyplot
 from mmcl.train.run_state import RunState
 from mmcl.train.trackers import Tracker, build_trackers
+from mmcl.train.validation import VAL_LOSS
 
 METRICS_FILE = "metrics.jsonl"
 EVAL_HISTORY_FILE = "eval_history.jsonl"
@@ -96,7 +97,8 @@ class TrainingLog:
         if self.samples:
             self.samples.write(json.dumps({"step": state.step, "keys": batch.keys}) + "\n")
             self.samples.flush()
-        if self.metrics and (state.step % self.cfg.log_every == 0 or state.step == self.cfg.steps):
+        logged = state.step % self.cfg.log_every == 0 or state.step == self.cfg.steps or VAL_LOSS in metrics
+        if self.metrics and logged:  # a step with a validation loss is always logged, to keep it
             rate = (state.samples_seen - self.seen_at_start) / max(time.perf_counter() - self.started_at, 1e-9)
             self.metrics.write(
                 {
@@ -148,6 +150,9 @@ def plot_curves(metrics_path: Path, out: Path) -> None:
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     for name in parts:
         axes[0].plot(steps, [r.get(name) for r in records], label=name)
+    validated = [r for r in records if VAL_LOSS in r]
+    if validated:
+        axes[0].plot([r["step"] for r in validated], [r[VAL_LOSS] for r in validated], "o-", label=VAL_LOSS)
     axes[0].set_title("loss")
     axes[0].legend(fontsize=8)
     for axis, name in zip(axes[1:], ("lr", "logit_scale"), strict=True):

@@ -26,6 +26,8 @@ class RunState:
     overflow_steps: int = 0
     run_id: str = field(default_factory=lambda: secrets.token_hex(4))  # the trackers' (W&B) id of this run
     samples_per_source: List[int] = field(default_factory=list)  # by every process, per "::" source of data.train
+    best_value: Optional[float] = None  # run.keep_best's metric at its best so far (None: not seen yet)
+    best_step: int = 0  # the step of that value, whose checkpoint checkpoints/best names
 
     def advance(self, batch: Batch, metrics: Dict[str, float]) -> None:
         bad = metrics.get("nonfinite", 0.0) > 0 or not math.isfinite(metrics["loss"])

@@ -31,6 +31,7 @@ from mmcl.eval.zeroshot import check_probe_config
 from mmcl.losses import build_loss, check_loss_config
 from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
 from mmcl.models.tuning import frozen_whole
+from mmcl.train.best import KeepBest, check_keep_best
 from mmcl.train.compile import compile_towers
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
 from mmcl.train.gradcache import build_backward, micro_steps
@@ -39,6 +40,7 @@ from mmcl.train.precision import build_autocast
 from mmcl.train.run_state import RunState, check_health
 from mmcl.train.step import train_step
 from mmcl.train.trackers import check_trackers
+from mmcl.train.validation import Validation, check_validation_config
 
 log = logging.getLogger("mmcl.train")
 
@@ -56,6 +58,8 @@ def check_config(cfg: Config) -> None:
     check_engine_config(cfg.engine, fed, cfg.data.batch_size)
     check_trackers(cfg.run)
     check_probe_config(cfg.eval.linear_probe)
+    check_validation_config(cfg)
+    check_keep_best(cfg)
 
 
 class StopRequest:
@@ -98,10 +102,10 @@ def open_run_dir(cfg: Config) -> Tuple[Path, Optional[Path], str]:
     return run_dir, resume_from, config_yaml
 
 
-def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str]) -> Dict[str, InputSpec]:
+def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str], train: bool = True) -> Dict[str, InputSpec]:
     """What the stream must produce: one input per fed tower, read from the configured shard fields, with a
-    placeholder for each modality a sample may lack."""
-    preprocess = model.preprocessors(train=True)
+    placeholder for each modality a sample may lack (`train`: the training preprocessing, else evaluation's)."""
+    preprocess = model.preprocessors(train=train)
     optional = optional_modalities(cfg.data, fed)
     return {
         m: InputSpec(
@@ -148,6 +152,12 @@ class Trainer:
         self.sources = len(sources)
         self.optional = optional_modalities(cfg.data, self.fed)
         self.autocast = build_autocast(cfg.engine.precision, self.device)
+        val_inputs = stream_inputs(self.engine.model, cfg, self.fed, train=False) if cfg.data.val else {}
+        self.validation = Validation(
+            cfg, val_inputs, self.optional, self.engine, self.loss_fn, self.autocast, self.device
+        )
+        self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)
+        self.best.restore(self.state, self.run_dir)
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
         """Restore the engine, the RNG and the run state from `checkpoint`; this process's stream position."""
@@ -186,17 +196,23 @@ class Trainer:
         with TrainingLog(self.run_dir, self.cfg.run, self.state, dist.rank() == 0, config) as logs:
             for batch in self.stream if self.state.step < self.cfg.run.steps else ():
                 metrics = self.train_step(batch)
+                metrics.update(self.validation(self.state.step))
                 logs.record(self.state, batch, metrics, self.stream.epoch)
                 stopping = dist.any_rank(stop.requested)
-                self.checkpoint(force=stopping)
-                if self.state.step >= self.cfg.run.steps or stopping:
+                done = self.state.step >= self.cfg.run.steps or stopping
+                evaluated = not done and self.evaluation_due()
+                results = self.evaluate_during_training(logs) if evaluated else None
+                best = self.best.observe(self.state, metrics, results, evaluated)
+                self.checkpoint(force=stopping or best, best=best)
+                if done:
                     break
-                self.evaluate_during_training(logs)
             if stopping:
                 log.warning("stopped at step %d on request; resume with run.resume=latest", self.state.step)
             elif self.cfg.eval.datasets:
                 logs.steps_done()
-                logs.record_eval(self.state.step, self.evaluate(self.run_dir / "eval.json"), during_training=False)
+                results = self.evaluate(self.run_dir / "eval.json")
+                logs.record_eval(self.state.step, results, during_training=False)
+                self.best.observe_final(self.state, results, self.run_dir)
         dist.barrier()
         return RunResult(self.run_dir, self.state.step, stopping)
 
@@ -218,8 +234,9 @@ class Trainer:
         """This process's samples of the batch from each source (of data.sources, or "::" part of data.train)."""
         return [batch.sources.count(index) for index in range(self.sources)]
 
-    def checkpoint(self, force: bool = False) -> None:
-        """Collective: a checkpoint every run.checkpoint_every steps, at the last step, or when `force`d."""
+    def checkpoint(self, force: bool = False, best: bool = False) -> None:
+        """Collective: a checkpoint every run.checkpoint_every steps, at the last step, or when `force`d;
+        `best`: checkpoints/best names it."""
         step = self.state.step
         if not (force or step % self.cfg.run.checkpoint_every == 0 or step == self.cfg.run.steps):
             return
@@ -227,13 +244,16 @@ class Trainer:
         positions = dist.all_gather_object(self.stream.position)
         skipped = dist.all_gather_object(self.state.samples_skipped)
         meta = {**asdict(self.state), "data_position": positions, "samples_skipped_per_process": skipped}
-        checkpoints.save(self.run_dir, step, self.engine, meta, self.config_yaml, self.cfg.run.keep_last)
+        checkpoints.save(self.run_dir, step, self.engine, meta, self.config_yaml, self.cfg.run.keep_last, best)
 
-    def evaluate_during_training(self, logs: TrainingLog) -> None:
+    def evaluation_due(self) -> bool:
         every = self.cfg.eval.every_steps
-        if self.cfg.eval.datasets and every and self.state.step % every == 0:
-            results = self.evaluate(self.run_dir / "eval_steps" / f"step_{self.state.step:08d}.json", quiet=True)
-            logs.record_eval(self.state.step, results, during_training=True)
+        return bool(self.cfg.eval.datasets) and bool(every) and self.state.step % every == 0
+
+    def evaluate_during_training(self, logs: TrainingLog) -> Optional[Dict[str, Dict[str, Any]]]:
+        results = self.evaluate(self.run_dir / "eval_steps" / f"step_{self.state.step:08d}.json", quiet=True)
+        logs.record_eval(self.state.step, results, during_training=True)
+        return results
 
     def evaluate(self, out_path: Path, quiet: bool = False) -> Optional[Dict[str, Dict[str, Any]]]:
         """Evaluate the engine's current weights on eval.datasets (collective: each process embeds its
