@@ -38,7 +38,7 @@ def overrides(digits_root, out, name, **extra):
             "run.keep_last": 5,
             "optim.warmup_steps": 2,
             "optim.lr": 2e-3,
-            "data.batch_size": 16,
+            "data.batch_size": 8,
             "optim.ema_decay": DECAY,
             "optim.ema_start_step": START,
             **extra,
