@@ -233,15 +233,14 @@ class DeepSpeedEngine:
         params: List[Any] = list(self.model.parameters())  # under ZeRO-3, with DeepSpeed's ds_* attributes
         # ZeRO-3 keeps its small ("persistent") parameters gathered between steps, refreshed from their
         # partitions only after each optimiser step: partition them first, so that every value below is
-        # gathered from the partitions (`held_weights`, which the EMA swaps), then gather them again as
-        # DeepSpeed expects. All-gathers copy: the values are the partitions' bit for bit.
+        # gathered from the partitions (`held_weights`, which the EMA swaps). All-gathers copy: the values
+        # are the partitions' bit for bit. Every parameter is left partitioned, as the gather's exit
+        # leaves the others: the next forward gathers them from the partitions as they are then.
         kept = [p for p in params if self.sharded and p.ds_status == self.available]
         if kept:
             kept[0].partition(kept)
         with self.gathered_parameters(params, enabled=self.sharded):
             state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        if kept:
-            kept[0].all_gather(kept)
         return state
 
     def held_weights(self) -> Dict[str, torch.Tensor]:

@@ -61,12 +61,14 @@ def reference_ema(history, decay, start):
     return ema
 
 
-def train_recording(trainer):
+def train_recording(trainer, checkpoint_at=0):
     """Train to run.steps, recording the weights this process holds before the first step and after
-    every step."""
+    every step (and checkpointing after step `checkpoint_at`)."""
     held = [as_float64(trainer.engine.held_weights())]
     for batch in trainer.stream:
         trainer.train_step(batch)
+        if trainer.state.step == checkpoint_at:
+            trainer.checkpoint(force=True)
         held.append(as_float64(trainer.engine.held_weights()))
         if trainer.state.step == STEPS:
             break
@@ -134,23 +136,47 @@ def full_from_partitions(held, shapes, sharded):
     return full
 
 
+def unpadded(held, shapes, sharded, rank):
+    """The elements of each partition that belong to the parameter: the last process's partition ends in
+    padding, uninitialised memory that no gather keeps (and that may hold a NaN)."""
+    if not sharded:
+        return held
+    return {
+        name: part[: max(0, min(part.numel(), shapes[name].numel() - rank * part.numel()))]
+        for name, part in held.items()
+    }
+
+
 def zero_worker(rank, world, cfg_overrides):
     """Under ZeRO each process averages what it holds; the full weights it reports are the average of
-    the full weights, and reporting them leaves the training weights bitwise as they were."""
+    the full weights, and reporting them (in a checkpoint mid-run too) leaves the training weights, and
+    so the rest of the run, bitwise as they were."""
     trainer = Trainer(config_lib.load(None, cfg_overrides))
-    held = train_recording(trainer)
-    assert_close_to(trainer.ema.state(), reference_ema(held, DECAY, START))
+    sharded = trainer.cfg.engine.zero_stage == 3
+    shapes = {name: getattr(param, "ds_shape", param.shape) for name, param in trainer.engine.model.named_parameters()}
+
+    def real(weights):
+        return unpadded(weights, shapes, sharded, rank)
+
+    held = train_recording(trainer, checkpoint_at=5)
+    assert_close_to(real(trainer.ema.state()), reference_ema([real(w) for w in held], DECAY, START))
+    saved = load_file(checkpoints.latest(trainer.run_dir) / f"ema_{rank}.safetensors")
+    assert_close_to(real(saved), reference_ema([real(w) for w in held[:6]], DECAY, START))
     # Right after a step, as a checkpoint or an evaluation finds them: ZeRO-3's small parameters are
     # gathered then, and must be gathered again from the average's partitions.
     full = trainer.ema.full_weights()
-    sharded = trainer.cfg.engine.zero_stage == 3
-    shapes = {name: getattr(param, "ds_shape", param.shape) for name, param in trainer.engine.model.named_parameters()}
     whole = [full_from_partitions(weights, shapes, sharded) for weights in held]
     assert_close_to(full, reference_ema(whole, DECAY, START))
     assert_apart(full, whole[-1])
-    assert all(torch.equal(value.double(), held[-1][name]) for name, value in trainer.engine.held_weights().items())
+    after = real(trainer.engine.held_weights())
+    assert all(torch.equal(value.double(), real(held[-1])[name]) for name, value in after.items())
     raw = trainer.engine.model_state()
     assert all(torch.equal(raw[name].double(), whole[-1][name]) for name in whole[-1])
+    if sharded:  # the same run without the checkpoint at step 5: the same weights at every step
+        plain = Trainer(config_lib.load(None, [*cfg_overrides, "run.name=plain"]))
+        again = train_recording(plain)
+        assert all(torch.equal(real(a)[k], real(b)[k]) for a, b in zip(held, again, strict=True) for k in a)
+        assert_apart(real(held[6]), real(held[5]))  # and the steps after it moved them
     torch_dist.destroy_process_group()
 
 
