@@ -18,9 +18,11 @@ from mmcl.checkpoint.convert import to_open_clip_state
 from mmcl.cli import main
 from mmcl.errors import ConfigError
 from mmcl.train.metrics_log import read_records
+from mmcl.train.ema import WeightAverage
+from mmcl.train.engine import TorchEngine
 from mmcl.train.trainer import Trainer
 
-from conftest import tiny_overrides
+from conftest import tiny_model, tiny_overrides
 from launch import launch
 
 STEPS = 10
@@ -266,3 +268,24 @@ def test_convert_takes_the_average_with_ema_and_says_where_it_has_none(runs, tmp
     assert main(["convert", "open-clip", str(final_checkpoint(runs / "plain")), "--ema", "--out", str(tmp_path)]) == 2
     assert "holds no ema.safetensors" in capsys.readouterr().err
     assert main(["convert", "zero-fp32", str(checkpoint), "--ema", "--out", str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_bf16_weights_are_averaged_in_float32_and_written_rounded_to_bf16():
+    """bf16 weights (as DeepSpeed holds them in a bf16 run): the average stays float32 (a bf16 average
+    would round each 0.1% update away) and follows the float64 reference; its full weights are the
+    average rounded to bf16, and the weights are back bit for bit afterwards."""
+    cfg = config_lib.load(None, tiny_overrides("unused.tar"))
+    engine = TorchEngine(tiny_model().to(torch.bfloat16), cfg.optim, total_steps=STEPS)
+    average = WeightAverage(engine, decay=0.999, start_step=0)
+    history = [as_float64(engine.held_weights())]
+    g = torch.Generator().manual_seed(0)
+    for step in range(1, 4):  # steps of the optimiser, written by hand: each weight moves by up to 5%
+        for weight in engine.held_weights().values():
+            weight.mul_(1 + 0.05 * torch.rand(weight.shape, generator=g).to(torch.bfloat16))
+        average.update(step)
+        history.append(as_float64(engine.held_weights()))
+    assert_close_to(average.state(), reference_ema(history, 0.999, 0))
+    full = average.full_weights()
+    for name, value in average.state().items():
+        assert full[name].dtype == torch.bfloat16 and torch.equal(full[name], value.to(torch.bfloat16)), name
+    assert all(torch.equal(engine.held_weights()[k].double(), history[-1][k]) for k in history[-1])
