@@ -17,9 +17,9 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.convert import to_open_clip_state
 from mmcl.cli import main
 from mmcl.errors import ConfigError
-from mmcl.train.metrics_log import read_records
 from mmcl.train.ema import WeightAverage
 from mmcl.train.engine import TorchEngine
+from mmcl.train.metrics_log import read_records
 from mmcl.train.trainer import Trainer
 
 from conftest import tiny_model, tiny_overrides
