@@ -139,6 +139,7 @@ class _Model:
     path: Path  # the checkpoint directory or file
     architecture: str = ""  # "" for an mmcl checkpoint
     cfg: Optional[Config] = None  # an mmcl checkpoint's own config
+    ema: bool = False  # an mmcl checkpoint's EMA weights (ema.safetensors) rather than its trained weights
 
 
 def _models(specs: List[str], open_clip_architecture: str) -> List[_Model]:
@@ -190,7 +191,7 @@ def _load(model: _Model, device: torch.device) -> Tuple[MultiEncoder, Config]:
     if model.cfg is None:
         network, cfg = convert.open_clip_as_mmcl(model.architecture, model.path)
         return network.to(device).eval(), cfg
-    return load_model(model.cfg.model, checkpoints.load_weights(model.path), device), model.cfg
+    return load_model(model.cfg.model, checkpoints.load_weights(model.path, model.ema), device), model.cfg
 
 
 def _evaluate(model: _Model, datasets: List[str], out: Path, device: torch.device, progress: bool) -> Optional[Results]:
@@ -212,13 +213,14 @@ def _evaluate(model: _Model, datasets: List[str], out: Path, device: torch.devic
 
 
 def _eval(args: argparse.Namespace) -> None:
-    models = _models(args.checkpoint, args.open_clip)
+    models = [dataclasses.replace(m, ema=args.ema) for m in _models(args.checkpoint, args.open_clip)]
     datasets = _datasets(args.datasets, models)
     device = dist.resolve_device(args.device)  # not the run's: a GPU run may be evaluated on a laptop
     dist.init_from_env(device)  # under a launcher (torchrun ...), the processes share the evaluation
     if len(models) == 1:
         model = models[0]
-        default = Path(f"eval-{model.architecture}.json") if model.architecture else model.path / "eval.json"
+        beside = model.path / ("eval_ema.json" if args.ema else "eval.json")  # as the run names its reports
+        default = Path(f"eval-{model.architecture}.json") if model.architecture else beside
         _evaluate(model, datasets, Path(args.out) if args.out else default, device, not args.quiet)
         return
     out_dir = Path(args.out or "comparison")
@@ -248,6 +250,8 @@ def _checkpoint_dir(path: Path) -> Path:
 
 
 def _convert(args: argparse.Namespace) -> None:
+    if args.ema and args.target in ("from-hf", "zero-fp32"):
+        raise ConfigError(f"--ema: {args.target} has no EMA weights to take; it applies to open-clip and hf")
     if args.target == "from-hf":  # a CLIPModel directory -> mmcl weights + config (a checkpoint mmcl can eval)
         state, cfg = import_hf_clip(Path(args.checkpoint))
         out = Path(args.out)
@@ -259,7 +263,7 @@ def _convert(args: argparse.Namespace) -> None:
     path = _checkpoint_dir(Path(args.checkpoint))
     if args.target == "hf":
         cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
-        out = export_hf_clip(checkpoints.load_weights(path), cfg, Path(args.out))
+        out = export_hf_clip(checkpoints.load_weights(path, args.ema), cfg, Path(args.out))
         print(
             f"Hugging Face CLIPModel in {out}; load with:\n"
             f"  transformers.CLIPModel.from_pretrained({str(out)!r}), CLIPTokenizer.from_pretrained({str(out)!r})"
@@ -271,7 +275,7 @@ def _convert(args: argparse.Namespace) -> None:
         return
     cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
     name = args.name or cfg.run.name
-    config_path, weights = convert.export_open_clip(checkpoints.load_weights(path), cfg, Path(args.out), name)
+    config_path, weights = convert.export_open_clip(checkpoints.load_weights(path, args.ema), cfg, Path(args.out), name)
     print(
         f"open_clip model config {config_path} and weights {weights}; load with:\n"
         f"  open_clip.add_model_config({str(config_path.parent)!r})\n"
@@ -362,6 +366,7 @@ def parser() -> argparse.ArgumentParser:
         help="evaluate one open_clip checkpoint file: its architecture name (e.g. ViT-B-32); same as ARCH=FILE",
     )
     evaluation.add_argument("--quiet", action="store_true", help="no progress bar")
+    evaluation.add_argument("--ema", action="store_true", help="mmcl checkpoints' EMA weights (optim.ema_decay)")
     evaluation.add_argument(
         "--device",
         default="auto",
@@ -383,6 +388,7 @@ def parser() -> argparse.ArgumentParser:
         "--out", required=True, help="open-clip, hf, from-hf: output directory; zero-fp32: output file"
     )
     conversion.add_argument("--name", default="", help="open-clip: model config name (default: the run's name)")
+    conversion.add_argument("--ema", action="store_true", help="open-clip, hf: the EMA weights (optim.ema_decay)")
     conversion.set_defaults(run=_convert)
     return root
 

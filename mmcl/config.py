@@ -180,6 +180,13 @@ class OptimConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
     max_nonfinite_steps: int = at_least(5, 1)  # stop after this many steps in a row with a NaN/Inf loss or gradient
+    # An exponential moving average of the weights, updated after every optimiser step (timm's ModelEmaV2):
+    # ema <- ema_decay * ema + (1 - ema_decay) * weights, held in float32, saved in each checkpoint (its full
+    # weights as ema.safetensors) and evaluated beside the raw weights. 0: no average (the default).
+    ema_decay: float = fraction(0.0, below_one=True)
+    # Through this step (steps counted from 1) the average copies the weights instead, so it does not
+    # carry the random initialisation into the run; 0: averaging from the first step.
+    ema_start_step: int = at_least(0, 0)
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Atomic, resumable checkpoints: <run>/checkpoints/step_XXXXXXXX/ and a `latest` file beside them.
 
 A checkpoint directory holds the engine's state (engine.pt, or DeepSpeed's sharded files), one
-rng_<rank>.pt per process, the full weights (model.safetensors), config.yaml and meta.json. Every
+rng_<rank>.pt per process, the full weights (model.safetensors), config.yaml and meta.json; with an EMA
+of the weights, also each process's float32 average (ema_<rank>.safetensors, its ZeRO-3 partitions) and
+the average's full weights (ema.safetensors). Every
 process writes into a hidden temporary directory; process 0 renames it into place only when all have
 finished, then replaces
 `latest` atomically, so a crash mid-save never leaves a partial checkpoint as the latest one. A save
@@ -12,6 +14,7 @@ Our own files load with `weights_only=True`: no arbitrary unpickling.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -28,6 +31,7 @@ LATEST_FILE = "latest"
 BEST_FILE = "best"  # names the checkpoint of the best value of run.keep_best's metric
 META_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"  # the full model weights, for evaluation and conversion
+EMA_WEIGHTS_FILE = "ema.safetensors"  # the full weights of the EMA (optim.ema_decay), the same way
 DEEPSPEED_TAG = "deepspeed"  # the folder DeepSpeed's own (sharded) files go in, inside a checkpoint
 
 
@@ -39,6 +43,25 @@ class Checkpointable(Protocol):
     def load(self, directory: Path) -> Dict[str, Any]: ...
 
     def model_state(self) -> Dict[str, torch.Tensor]: ...
+
+
+class Averaged(Protocol):
+    """What a checkpoint needs of an average of the weights (mmcl.train.ema.WeightAverage)."""
+
+    def state(self) -> Dict[str, torch.Tensor]: ...
+
+    def load_state(self, state: Dict[str, torch.Tensor], source: Path) -> None: ...
+
+    def restart(self) -> None: ...
+
+    def full_weights(self) -> Dict[str, torch.Tensor]: ...
+
+
+log = logging.getLogger("mmcl.checkpoint")
+
+
+def ema_state_file(rank: int) -> str:
+    return f"ema_{rank}.safetensors"  # one process's float32 average, exactly as it holds it
 
 
 def checkpoint_root(run_dir: Path) -> Path:
@@ -76,6 +99,7 @@ def save(
     config_yaml: str,
     keep_last: int,
     best: bool = False,
+    ema: Optional[Averaged] = None,
 ) -> Path:
     """Collective: every process calls it with the same step; returns the checkpoint directory. `best`:
     `best` names it too, once it is complete."""
@@ -91,9 +115,14 @@ def save(
         engine.save(tmp, {"step": step})
         torch.save(_rng_states(), tmp / f"rng_{dist.rank()}.pt")
         weights = engine.model_state()  # collective under ZeRO-3 (gathers the shards)
+        ema_weights = ema.full_weights() if ema is not None else None  # collective too
+        if ema is not None:
+            save_file(ema.state(), tmp / ema_state_file(dist.rank()))
         dist.barrier()
         if dist.rank() == 0:
             save_file(weights, tmp / WEIGHTS_FILE)
+            if ema_weights is not None:
+                save_file(ema_weights, tmp / EMA_WEIGHTS_FILE)
             (tmp / "config.yaml").write_text(config_yaml)
             (tmp / META_FILE).write_text(json.dumps({"step": step, "world_size": dist.world_size(), **meta}) + "\n")
             _fsync_tree(tmp)
@@ -220,8 +249,9 @@ def read_meta(path: Path) -> Dict[str, Any]:
     return json.loads((Path(path) / META_FILE).read_text())
 
 
-def load(path: Path, engine: Checkpointable) -> Dict[str, Any]:
-    """Collective: restores the engine and this process's RNG; returns the checkpoint's meta data."""
+def load(path: Path, engine: Checkpointable, ema: Optional[Averaged] = None) -> Dict[str, Any]:
+    """Collective: restores the engine, this process's RNG and the EMA (a checkpoint without one starts
+    it from the restored weights); returns the checkpoint's meta data."""
     meta = read_meta(path)
     if meta["world_size"] != dist.world_size():
         raise CheckpointError(
@@ -230,8 +260,24 @@ def load(path: Path, engine: Checkpointable) -> Dict[str, Any]:
         )
     engine.load(path)
     _restore_rng(torch.load(Path(path) / f"rng_{dist.rank()}.pt", weights_only=True))
+    if ema is not None:
+        _restore_ema(Path(path), ema)
     return meta
 
 
-def load_weights(path: Path) -> Dict[str, torch.Tensor]:
-    return load_file(Path(path) / WEIGHTS_FILE)
+def _restore_ema(path: Path, ema: Averaged) -> None:
+    file = path / ema_state_file(dist.rank())
+    if file.exists():
+        ema.load_state(load_file(file, device=str(next(iter(ema.state().values())).device)), file)
+        return
+    ema.restart()  # the engine's weights are the checkpoint's now
+    if dist.rank() == 0:
+        log.warning("%s holds no EMA of the weights: the average starts from its weights", path)
+
+
+def load_weights(path: Path, ema: bool = False) -> Dict[str, torch.Tensor]:
+    """A checkpoint's full weights: the trained weights, or with `ema` the average's (ema.safetensors)."""
+    file = Path(path) / (EMA_WEIGHTS_FILE if ema else WEIGHTS_FILE)
+    if ema and not file.exists():
+        raise CheckpointError(f"{path} holds no {EMA_WEIGHTS_FILE}: its run kept no EMA (optim.ema_decay=0)")
+    return load_file(file)

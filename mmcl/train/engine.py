@@ -16,7 +16,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Protocol, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 
@@ -56,6 +56,11 @@ class Engine(Protocol):
 
     def model_state(self) -> Dict[str, torch.Tensor]:
         """Collective: the full model weights on every process."""
+
+    def held_weights(self) -> Dict[str, torch.Tensor]:
+        """Parameter name -> the tensor of its values this process holds, itself (writing into it changes
+        the weight): the whole parameter, or under ZeRO-3 this process's flat partition. Read by
+        `model_state`, so values written here are what it returns."""
 
 
 def check_engine_config(cfg: EngineConfig, modalities: Sequence[str], batch_size: int, key: str = "engine") -> None:
@@ -143,6 +148,9 @@ class TorchEngine:
     def model_state(self) -> Dict[str, torch.Tensor]:
         return self.model.state_dict()
 
+    def held_weights(self) -> Dict[str, torch.Tensor]:
+        return {name: param.data for name, param in self.model.named_parameters()}
+
 
 @dataclass
 class StepShape:
@@ -193,6 +201,11 @@ class DeepSpeedEngine:
             dist_init_required=False,
         )
         self.gathered_parameters = deepspeed.zero.GatheredParameters
+        # Imported here with deepspeed (above): a ZeRO-3 parameter's status (gathered or partitioned).
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        self.available = ZeroParamStatus.AVAILABLE
+        self.sharded = self.engine.zero_optimization_stage() == 3
         self._grad_norm = float("nan")
         self.dtype = weights_dtype(cfg.precision)
         self.fp16 = cfg.precision == "fp16"
@@ -260,9 +273,26 @@ class DeepSpeedEngine:
 
     def model_state(self) -> Dict[str, torch.Tensor]:
         """The full model weights on every process (gathered from ZeRO-3 shards when sharded)."""
-        params = list(self.model.parameters())
-        with self.gathered_parameters(params, enabled=self.engine.zero_optimization_stage() == 3):
-            return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        params: List[Any] = list(self.model.parameters())  # under ZeRO-3, with DeepSpeed's ds_* attributes
+        # ZeRO-3 keeps its small ("persistent") parameters gathered between steps, refreshed from their
+        # partitions only after each optimiser step: partition them first, so that every value below is
+        # gathered from the partitions (`held_weights`, which the EMA swaps). All-gathers copy: the values
+        # are the partitions' bit for bit. Every parameter is left partitioned, as the gather's exit
+        # leaves the others: the next forward gathers them from the partitions as they are then.
+        kept = [p for p in params if self.sharded and p.ds_status == self.available]
+        if kept:
+            kept[0].partition(kept)
+        with self.gathered_parameters(params, enabled=self.sharded):
+            state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return state
+
+    def held_weights(self) -> Dict[str, torch.Tensor]:
+        """Whole parameters (ZeRO 0-2: each process holds them all, in the training precision), or under
+        ZeRO-3 each parameter's flat partition on this process (`ds_tensor`, padded at the end)."""
+        named: List[Tuple[str, Any]] = list(self.model.named_parameters())  # ZeRO-3 adds ds_tensor
+        if self.sharded:
+            return {name: param.ds_tensor for name, param in named}
+        return {name: param.data for name, param in named}
 
 
 def build_engine(

@@ -33,6 +33,7 @@ from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
 from mmcl.models.tuning import frozen_whole
 from mmcl.train.best import KeepBest, check_keep_best
 from mmcl.train.compile import compile_towers
+from mmcl.train.ema import build_average, ema_report_path, with_ema_results
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
 from mmcl.train.gradcache import build_backward, micro_steps
 from mmcl.train.metrics_log import TrainingLog
@@ -134,6 +135,7 @@ class Trainer:
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         random.seed(cfg.run.seed)
         self.engine = self._build_engine(initialise=resume_from is None)
+        self.ema = build_average(self.engine, cfg.optim)  # None unless optim.ema_decay > 0
         self.loss_fn = build_loss(cfg.loss)
         self.state, position = RunState(), (0, 0)
         if resume_from is not None:
@@ -161,7 +163,7 @@ class Trainer:
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
         """Restore the engine, the RNG and the run state from `checkpoint`; this process's stream position."""
-        meta = checkpoints.load(checkpoint, self.engine)
+        meta = checkpoints.load(checkpoint, self.engine, self.ema)
         self.state = RunState.from_meta(meta)
         if "samples_skipped_per_process" in meta:  # each process's own count (older checkpoints: process 0's)
             self.state.samples_skipped = meta["samples_skipped_per_process"][dist.rank()]
@@ -222,6 +224,8 @@ class Trainer:
         loss_fn = partial(self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step))
         metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
         self.state.advance(batch, metrics)
+        if self.ema is not None:
+            self.ema.update(self.state.step)
         self.state.count_sources(dist.sum_over_ranks(self.drawn_per_source(batch)))
         metrics["nonfinite_steps"] = self.state.nonfinite_steps
         if "loss_scale" in metrics:  # fp16
@@ -244,7 +248,9 @@ class Trainer:
         positions = dist.all_gather_object(self.stream.position)
         skipped = dist.all_gather_object(self.state.samples_skipped)
         meta = {**asdict(self.state), "data_position": positions, "samples_skipped_per_process": skipped}
-        checkpoints.save(self.run_dir, step, self.engine, meta, self.config_yaml, self.cfg.run.keep_last, best)
+        checkpoints.save(
+            self.run_dir, step, self.engine, meta, self.config_yaml, self.cfg.run.keep_last, best=best, ema=self.ema
+        )
 
     def evaluation_due(self) -> bool:
         every = self.cfg.eval.every_steps
@@ -257,8 +263,18 @@ class Trainer:
 
     def evaluate(self, out_path: Path, quiet: bool = False) -> Optional[Dict[str, Dict[str, Any]]]:
         """Evaluate the engine's current weights on eval.datasets (collective: each process embeds its
-        share of the shards; process 0 computes, writes and returns the results, the others None)."""
-        weights = self.engine.model_state()  # collective: gathers ZeRO-3 shards
+        share of the shards; process 0 computes, writes and returns the results, the others None), and
+        the EMA's beside them (eval_ema.json; its results named ema/<dataset>)."""
+        results = self.evaluate_weights(self.engine.model_state(), out_path, quiet)  # collective: gathers ZeRO-3 shards
+        if self.ema is None:
+            return results
+        return with_ema_results(
+            results, self.evaluate_weights(self.ema.full_weights(), ema_report_path(out_path), quiet)
+        )
+
+    def evaluate_weights(
+        self, weights: Dict[str, torch.Tensor], out_path: Path, quiet: bool
+    ) -> Optional[Dict[str, Dict[str, Any]]]:
         with torch.random.fork_rng(devices=[]):  # building and running the copy draws nothing from the run's RNG
             model = load_model(self.cfg.model, weights, self.device)
             results = evaluate_all(
