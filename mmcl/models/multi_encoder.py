@@ -83,6 +83,10 @@ class MultiEncoder(nn.Module):
     def tower(self, modality: str) -> Tower:
         return self.towers[modality]  # type: ignore[return-value]
 
+    def trains(self, modality: str) -> bool:
+        """Whether any of the tower's parameters takes gradients (False: frozen whole)."""
+        return any(param.requires_grad for param in self.tower(modality).parameters())
+
     def frozen_steps(self, modality: str) -> Dict[str, Optional[int]]:
         """Per parameter of the tower: the steps it stays unchanged from the start (None: throughout)."""
         return frozen_steps(self.tower(modality), self.tower_cfgs[modality])

@@ -12,7 +12,7 @@ The parameter gradients are those of the full-batch loss; memory holds one chunk
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Dict, List, Mapping, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -58,19 +58,25 @@ def _set_rng_state(state: RngState) -> None:
 
 
 class GradCache:
-    """A `Backward` with per-modality chunk sizes (a modality without one is embedded in one chunk)."""
+    """A `Backward` with per-modality chunk sizes (a modality without one is embedded in one chunk).
 
-    def __init__(self, chunk_sizes: Mapping[str, int]) -> None:
+    The towers of `frozen` modalities (frozen whole) are embedded once, without a graph, and never
+    replayed: no parameter of theirs takes a gradient, and their chunks would add empty micro-steps.
+    """
+
+    def __init__(self, chunk_sizes: Mapping[str, int], frozen: Sequence[str] = ()) -> None:
         self.chunk_sizes = dict(chunk_sizes)
+        self.frozen = set(frozen)
 
     def micro_steps(self, modalities: List[str], batch_size: int) -> int:
-        """Backward calls per step: the first chunks of all towers together, then one per chunk."""
-        return 1 + sum(math.ceil(batch_size / self.chunk_sizes.get(m, batch_size)) - 1 for m in modalities)
+        """Backward calls per step: the first chunks of all trained towers together, then one per chunk."""
+        trained = [m for m in modalities if m not in self.frozen]
+        return 1 + sum(math.ceil(batch_size / self.chunk_sizes.get(m, batch_size)) - 1 for m in trained)
 
-    @staticmethod
-    def plan(chunks: Mapping[str, tuple]) -> List[List[tuple]]:
+    def plan(self, chunks: Mapping[str, tuple]) -> List[List[tuple]]:
         """[(modality, chunk index), ...] per micro-step: all first chunks, then the rest one by one."""
-        return [[(m, 0) for m in chunks]] + [[(m, i)] for m in chunks for i in range(1, len(chunks[m]))]
+        trained = [m for m in chunks if m not in self.frozen]
+        return [[(m, 0) for m in trained]] + [[(m, i)] for m in trained for i in range(1, len(chunks[m]))]
 
     def __call__(
         self, engine: Engine, loss_fn: LossFn, inputs: Mapping[str, torch.Tensor], autocast: torch.autocast
@@ -134,6 +140,8 @@ class GradCache:
         grad_chunks = {m: grads[m].split(len(chunks[m][0])) for m in chunks}
         for number, micro_step in enumerate(self.plan(chunks)):
             surrogate: Any = 0.0  # a python number, so the surrogate keeps the (widened) embeddings' dtype
+            if not micro_step:  # every tower frozen: the logit scale/bias alone train
+                encoded = engine.forward({})
             for m, index in micro_step:
                 _set_rng_state(states[m][index])
                 with autocast:
@@ -150,9 +158,10 @@ class GradCache:
             engine.backward(surrogate)
 
 
-def build_backward(chunk_sizes: Mapping[str, int]) -> Backward:
-    """Chosen once when training is built: the loop itself never branches on it."""
-    return GradCache(chunk_sizes) if chunk_sizes else plain_backward
+def build_backward(chunk_sizes: Mapping[str, int], frozen: Sequence[str] = ()) -> Backward:
+    """Chosen once when training is built: the loop itself never branches on it. `frozen`: the modalities
+    whose towers are frozen whole."""
+    return GradCache(chunk_sizes, frozen) if chunk_sizes else plain_backward
 
 
 def micro_steps(backward: Backward, modalities: List[str], batch_size: int) -> int:

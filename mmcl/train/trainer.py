@@ -185,7 +185,7 @@ class Trainer:
             )
         if cfg.engine.compile:
             compile_towers(model)
-        self.backward = build_backward(cfg.engine.grad_cache)
+        self.backward = build_backward(cfg.engine.grad_cache, [m for m in self.fed if not model.trains(m)])
         batch = cfg.data.batch_size
         shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, self.fed, batch))
         return build_engine(model.to(self.device), cfg.engine, cfg.optim, shape, self.device)

@@ -104,6 +104,29 @@ def test_equals_full_graph_with_random_masking_on(name, bias):
     )
 
 
+class CountingEngine(TorchEngine):
+    def backward(self, loss):
+        self.calls = getattr(self, "calls", 0) + 1
+        super().backward(loss)
+
+
+def test_a_frozen_tower_is_embedded_once_and_never_replayed():
+    loss_fn = build_loss(LossConfig(name="infonce"))
+    model = one_layer_model()
+    model.towers["text"].requires_grad_(False)  # frozen whole, as ImageBind's binding keeps it
+    plain = plain_backward(engine_for(model), loss_fn, batch(), NO_AUTOCAST)["loss"]
+    expected = grads(model)
+    model.zero_grad(set_to_none=True)
+    cache = GradCache({"image": 5, "text": 4}, frozen=["text"])
+    engine = CountingEngine(model, tiny_config().optim, 1)
+    cached = cache(engine, loss_fn, batch(), NO_AUTOCAST)["loss"]
+    torch.testing.assert_close(cached, plain, rtol=1e-12, atol=0)
+    assert_same_grads(grads(model), expected)
+    assert not any(name.startswith("towers.text.") for name in expected)
+    # Image chunks of 5, 5, 2: three backward calls, as the engine is told; the text chunks add none.
+    assert engine.calls == 3 == cache.micro_steps(["image", "text"], BATCH)
+
+
 def test_training_with_grad_cache_follows_the_plain_loss_curve(tmp_path, digits_root):
     def run(name, extra):
         overrides = tiny_overrides(
