@@ -55,6 +55,21 @@ def test_grad_cache_equals_plain_backward_with_distillation():
     assert not torch.allclose(grads(model)["towers.image.encoder.proj"], expected["towers.image.encoder.proj"])
 
 
+def test_the_teacher_runs_in_the_run_s_precision_and_hands_the_loss_float32():
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image": torch.randn(2, 3, 32, 32, generator=g), "text": torch.randint(1, 49000, (2, 16), generator=g)}
+    fp32 = Teacher(tiny_model(7), ["image", "text"], "fp32", torch.device("cpu"))
+    bf16 = Teacher(tiny_model(7), ["image", "text"], "bf16", torch.device("cpu"))
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.device.type for p in bf16.model.parameters()} == {"cpu"}
+    low, full = bf16.embed(inputs), fp32.embed(inputs)
+    for m in ("image", "text"):
+        assert low.embeddings[m].dtype == torch.float32 and not low.embeddings[m].requires_grad
+        torch.testing.assert_close(low.embeddings[m], full.embeddings[m], rtol=0, atol=0.05)  # bf16: ~2 digits
+    assert low.logit_scale.dtype == torch.float32
+
+
 def distilled_config(tmp_path, teacher_path, train="unused.tar", **extra):
     return config_lib.load(
         None,
