@@ -10,11 +10,9 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
-import open_clip
 import torch
 from safetensors.torch import save_file
 
@@ -30,11 +28,10 @@ from mmcl.accelerate_env import apply_accelerate_settings
 from mmcl.checkpoint import convert
 from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.hf_clip import export_hf_clip, import_hf_clip
-from mmcl.config import Config
+from mmcl.checkpoint.saved_model import SavedModel, checkpoint_dir, load_saved_model, parse_spec, saved_model
 from mmcl.errors import ConfigError, DataError, UserError
 from mmcl.eval.compare import file_name, model_names, write_comparison
 from mmcl.eval.suite import evaluate_all
-from mmcl.models import MultiEncoder, load_model
 from mmcl.train.trainer import train
 
 
@@ -130,19 +127,7 @@ def _init(args: argparse.Namespace) -> None:
     print(f"wrote {out}; train with: mmcl train {out}")
 
 
-@dataclass(frozen=True)
-class _Model:
-    """A model named on `mmcl eval`'s command line: an mmcl checkpoint directory with its config, or an
-    open_clip architecture with a checkpoint file (its config comes with the weights, see `_load`)."""
-
-    name: str
-    path: Path  # the checkpoint directory or file
-    architecture: str = ""  # "" for an mmcl checkpoint
-    cfg: Optional[Config] = None  # an mmcl checkpoint's own config
-    ema: bool = False  # an mmcl checkpoint's EMA weights (ema.safetensors) rather than its trained weights
-
-
-def _models(specs: List[str], open_clip_architecture: str) -> List[_Model]:
+def _models(specs: List[str], open_clip_architecture: str) -> List[SavedModel]:
     """Every model, checked before any is evaluated: mmcl configs read, open_clip files and architectures
     found, names made distinct."""
     if open_clip_architecture:  # the original form: `FILE --open-clip ARCH`, one file
@@ -150,29 +135,13 @@ def _models(specs: List[str], open_clip_architecture: str) -> List[_Model]:
             raise ConfigError("--open-clip ARCH takes one checkpoint file; name several as ARCH=FILE")
         parsed = [(open_clip_architecture, Path(specs[0]))]
     else:
-        # ARCH=FILE is an open_clip file unless the whole spec names a directory (a run may have "=" in it).
-        parsed = [
-            (arch, Path(file)) if sep and arch and not Path(spec).is_dir() else ("", Path(spec))
-            for spec in specs
-            for arch, sep, file in [spec.partition("=")]
-        ]
-    models = []
-    for architecture, given in parsed:
-        if architecture:
-            if not given.is_file():
-                raise FileNotFoundError(f"open_clip checkpoint file {given} (for {architecture}) not found")
-            if open_clip.get_model_config(architecture) is None:
-                raise ConfigError(f"unknown open_clip architecture {architecture!r}; see open_clip.list_models()")
-            models.append(_Model(architecture, given, architecture))
-        else:
-            path = _checkpoint_dir(given)
-            cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
-            models.append(_Model(cfg.run.name, path, cfg=cfg))
+        parsed = [parse_spec(spec) for spec in specs]
+    models = [saved_model(architecture, given) for architecture, given in parsed]
     names = model_names([m.name for m in models], [given for _, given in parsed])
     return [dataclasses.replace(m, name=name) for m, name in zip(models, names, strict=True)]
 
 
-def _datasets(given: Optional[List[str]], models: List[_Model]) -> List[str]:
+def _datasets(given: Optional[List[str]], models: List[SavedModel]) -> List[str]:
     """--datasets, else the eval.datasets the mmcl runs name, if they all name the same (open_clip files
     name none)."""
     if given:
@@ -186,17 +155,11 @@ def _datasets(given: Optional[List[str]], models: List[_Model]) -> List[str]:
     return list(named[0])
 
 
-def _load(model: _Model, device: torch.device) -> Tuple[MultiEncoder, Config]:
-    """The model on device for evaluation, and the config whose data.fields and eval settings apply."""
-    if model.cfg is None:
-        network, cfg = convert.open_clip_as_mmcl(model.architecture, model.path)
-        return network.to(device).eval(), cfg
-    return load_model(model.cfg.model, checkpoints.load_weights(model.path, model.ema), device), model.cfg
-
-
-def _evaluate(model: _Model, datasets: List[str], out: Path, device: torch.device, progress: bool) -> Optional[Results]:
+def _evaluate(
+    model: SavedModel, datasets: List[str], out: Path, device: torch.device, progress: bool
+) -> Optional[Results]:
     """The model's results and its usual reports (None on a process other than 0 of a distributed run)."""
-    network, cfg = _load(model, device)
+    network, cfg = load_saved_model(model, device)
     with torch.no_grad():
         return evaluate_all(
             network,
@@ -236,19 +199,6 @@ def _eval(args: argparse.Namespace) -> None:
     print(f"comparison of {len(models)} models written to {out_dir}/: comparison.csv, comparison.md, charts/")
 
 
-def _checkpoint_dir(path: Path) -> Path:
-    """A checkpoint directory, a run directory's latest checkpoint, or its best (RUN/best)."""
-    pointed = checkpoints.from_pointer(path)
-    if pointed is not None:
-        return pointed
-    if (path / "checkpoints").exists():
-        latest = checkpoints.latest(path)
-        if latest is None:
-            raise FileNotFoundError(f"no complete checkpoint in {path}")
-        return latest
-    return path
-
-
 def _convert(args: argparse.Namespace) -> None:
     if args.ema and args.target in ("from-hf", "zero-fp32"):
         raise ConfigError(f"--ema: {args.target} has no EMA weights to take; it applies to open-clip and hf")
@@ -260,7 +210,7 @@ def _convert(args: argparse.Namespace) -> None:
         (out / "config.yaml").write_text(config_lib.to_yaml(cfg))
         print(f"mmcl weights and config in {out} (evaluate with: mmcl eval {out} --datasets ...)")
         return
-    path = _checkpoint_dir(Path(args.checkpoint))
+    path = checkpoint_dir(Path(args.checkpoint))
     if args.target == "hf":
         cfg = config_lib.from_yaml((path / "config.yaml").read_text(), source=str(path / "config.yaml"))
         out = export_hf_clip(checkpoints.load_weights(path, args.ema), cfg, Path(args.out))

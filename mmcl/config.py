@@ -166,6 +166,13 @@ class LossConfig:
     # infonce, dcl, hcl: also contrast each anchor with the other samples of its own modality (the
     # papers' SimCLR form: 2B - 2 negatives); off: the other modality's samples only, as CLIP.
     same_modality_negatives: bool = False
+    # Distillation from a frozen teacher (open_clip's --distill): an mmcl run or checkpoint directory, a
+    # Hugging Face CLIPModel directory, or an open_clip checkpoint file as ARCH=FILE; "": none. Its towers
+    # of the loss's modalities must take the same inputs as the student's.
+    distill_from: str = ""
+    # The loss becomes contrastive + distill_weight * distill, distill being, per pair and direction, the
+    # cross-entropy of the student's softmax over its logits against the teacher's.
+    distill_weight: float = at_least(1.0, 0.0)
 
 
 @dataclass

@@ -123,13 +123,11 @@ def consolidate_zero(checkpoint: Path, out_file: Path) -> Path:
     return Path(out_file)
 
 
-def open_clip_as_mmcl(architecture: str, checkpoint_file: str | Path) -> Tuple[MultiEncoder, Config]:
-    """An open_clip architecture (a model config name) with a local checkpoint file, as an mmcl image-text
-    model and the config that builds it, so mmcl evaluates (or fine-tunes) it like its own models."""
+def open_clip_config(architecture: str, logit_bias: bool) -> Config:
+    """The mmcl config of an open_clip architecture (a model config name), with a logit bias or not."""
     model_cfg = open_clip.get_model_config(architecture)
     if model_cfg is None:
         raise ConfigError(f"unknown open_clip architecture {architecture!r}; see open_clip.list_models()")
-    state = load_state_dict(str(checkpoint_file), weights_only=True)  # never unpickles arbitrary objects
     cfg = config_lib.load(
         None,
         [
@@ -140,10 +138,18 @@ def open_clip_as_mmcl(architecture: str, checkpoint_file: str | Path) -> Tuple[M
             f"model.towers.image.preset={architecture}",
             "model.towers.text.type=open_clip_text",
             f"model.towers.text.preset={architecture}",
-            *(["model.init_logit_bias=0.0"] if "logit_bias" in state else []),
+            *(["model.init_logit_bias=0.0"] if logit_bias else []),
         ],
     )
     check_open_clip_compatible(cfg)
+    return cfg
+
+
+def open_clip_as_mmcl(architecture: str, checkpoint_file: str | Path) -> Tuple[MultiEncoder, Config]:
+    """An open_clip architecture (a model config name) with a local checkpoint file, as an mmcl image-text
+    model and the config that builds it, so mmcl evaluates (or fine-tunes) it like its own models."""
+    state = load_state_dict(str(checkpoint_file), weights_only=True)  # never unpickles arbitrary objects
+    cfg = open_clip_config(architecture, logit_bias="logit_bias" in state)
     model = MultiEncoder(cfg.model)
     weights = from_open_clip_state(state)
     own = model.state_dict()

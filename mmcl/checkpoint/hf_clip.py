@@ -226,22 +226,25 @@ def _write_tokenizer(out_dir: Path, context_length: int) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def import_hf_clip(directory: Path) -> Tuple[Dict[str, torch.Tensor], Config]:
-    """mmcl weights and config from a CLIPModel directory (config.json + safetensors)."""
-    from transformers import CLIPModel  # imported here: see export_hf_clip
+def hf_clip_config(directory: Path) -> Config:
+    """The mmcl config of a CLIPModel directory, read from its config.json alone (no weights loaded)."""
+    from transformers import CLIPConfig  # imported here: see export_hf_clip
 
     if not (Path(directory) / "config.json").is_file():
         raise FileNotFoundError(f"{directory}: not a CLIPModel directory (no config.json)")
-    model = CLIPModel.from_pretrained(directory)
-    text: Any = model.config.text_config
-    vision: Any = model.config.vision_config
+    return _config_of(CLIPConfig.from_pretrained(directory), directory)
+
+
+def _config_of(clip_config: Any, directory: Path) -> Config:
+    text: Any = clip_config.text_config
+    vision: Any = clip_config.vision_config
     for name, act in (("text", text.hidden_act), ("vision", vision.hidden_act)):
         if act not in ("gelu", "quick_gelu"):
             raise CheckpointError(
                 f"{directory}: the {name} activation {act!r} has no open_clip tower (gelu, quick_gelu)"
             )
     settings = {
-        "model.embed_dim": model.config.projection_dim,
+        "model.embed_dim": clip_config.projection_dim,
         "model.towers.image.type": "open_clip_vision",
         "model.towers.text.type": "open_clip_text",
         "model.towers.image.options.width": vision.hidden_size,
@@ -260,8 +263,18 @@ def import_hf_clip(directory: Path) -> Tuple[Dict[str, torch.Tensor], Config]:
         "model.towers.text.options.vocab_size": text.vocab_size,
         "model.towers.text.options.quick_gelu": text.hidden_act == "quick_gelu",
     }
-    cfg = config_lib.load(
+    return config_lib.load(
         None, ["data.train=unused", f"run.name={Path(directory).name}", *(f"{k}={v}" for k, v in settings.items())]
     )
+
+
+def import_hf_clip(directory: Path) -> Tuple[Dict[str, torch.Tensor], Config]:
+    """mmcl weights and config from a CLIPModel directory (config.json + safetensors)."""
+    from transformers import CLIPModel  # imported here: see export_hf_clip
+
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"{directory}: not a CLIPModel directory (no config.json)")
+    model = CLIPModel.from_pretrained(directory)
+    cfg = _config_of(model.config, directory)
     state = from_open_clip_state(_hf_to_open_clip(model.state_dict()))
     return state, cfg

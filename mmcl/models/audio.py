@@ -6,7 +6,7 @@ embedding + learnt positions + a class token -> open_clip Transformer -> class t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Callable, Dict, Optional
 
 import numpy as np
@@ -96,6 +96,14 @@ class AudioSpectrogramTower(Tower):
     @classmethod
     def check(cls, cfg: TowerConfig, key: str) -> None:
         cls.settings(cfg, key)
+
+    @classmethod
+    def input_settings(cls, cfg: TowerConfig, key: str) -> Dict[str, Any]:
+        # The log-mel features and the clip length: what AudioPreprocess makes of a waveform.
+        settings = cls.settings(cfg, key)
+        return {f.name: getattr(settings, f.name) for f in fields(MelSettings)} | {
+            "clip_seconds": settings.clip_seconds
+        }
 
     @classmethod
     def blocks_in(cls, cfg: TowerConfig, key: str) -> Optional[int]:

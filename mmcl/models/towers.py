@@ -50,6 +50,13 @@ class Tower(nn.Module):
         """Raise ConfigError (naming `key`) for a config this tower cannot be built from."""
 
     @classmethod
+    def input_settings(cls, cfg: TowerConfig, key: str) -> Dict[str, Any]:
+        """What the tower built from `cfg` takes as input (two towers with equal settings embed the same
+        preprocessed batch, as a distillation teacher and its student must). By default the whole
+        tower config: only an identical tower is known to take the same inputs."""
+        return {"type": cfg.type, "preset": cfg.preset, "options": dict(cfg.options)}
+
+    @classmethod
     def blocks_in(cls, cfg: TowerConfig, key: str) -> Optional[int]:
         """The number of transformer blocks the tower built from `cfg` has (None: not a stack of blocks
         mmcl can count, e.g. a ResNet), checked without building it."""
@@ -180,6 +187,12 @@ class OpenClipVisionTower(OpenClipTower):
         is_transformer = isinstance(settings.layers, int) and not settings.timm_model_name
         return settings.layers if is_transformer else None
 
+    @classmethod
+    def input_settings(cls, cfg: TowerConfig, key: str) -> Dict[str, Any]:
+        # The image transform depends on the size alone (open_clip's default mean and std, see preprocess).
+        size = cls.settings(cfg, key).image_size
+        return {"image_size": (size, size) if isinstance(size, int) else tuple(size)}
+
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()
         self.vision_cfg: VisionSettings = self.settings(cfg)
@@ -219,6 +232,12 @@ class OpenClipTextTower(OpenClipTower):
     def blocks_in(cls, cfg: TowerConfig, key: str) -> Optional[int]:
         settings = cls.settings(cfg, key)
         return None if settings.hf_model_name else settings.layers  # a Hugging Face text model: no resblocks
+
+    @classmethod
+    def input_settings(cls, cfg: TowerConfig, key: str) -> Dict[str, Any]:
+        # Every open_clip text tower here reads open_clip's BPE tokens: the same ids, padded to the context.
+        settings = cls.settings(cfg, key)
+        return {"context_length": settings.context_length, "vocab_size": settings.vocab_size}
 
     def __init__(self, cfg: TowerConfig, embed_dim: int) -> None:
         super().__init__()

@@ -29,6 +29,7 @@ from mmcl.eval.datasets import check_dataset
 from mmcl.eval.suite import evaluate_all
 from mmcl.eval.zeroshot import check_probe_config
 from mmcl.losses import build_loss, check_loss_config
+from mmcl.losses.distill import with_distillation
 from mmcl.models import TOWERS, MultiEncoder, check_model_config, load_model
 from mmcl.models.tuning import frozen_whole
 from mmcl.train.best import KeepBest, check_keep_best
@@ -40,6 +41,7 @@ from mmcl.train.metrics_log import TrainingLog
 from mmcl.train.precision import build_autocast
 from mmcl.train.run_state import RunState, check_health
 from mmcl.train.step import train_step
+from mmcl.train.teacher import build_teacher, check_teacher
 from mmcl.train.trackers import check_trackers
 from mmcl.train.validation import Validation, check_validation_config
 
@@ -56,6 +58,7 @@ def check_config(cfg: Config) -> None:
     check_data_config(cfg.data, {m: TOWERS.get(t.type).input_kind for m, t in cfg.model.towers.items()}, frozen)
     fed = held_modalities(cfg.data, list(cfg.model.towers))
     check_loss_config(cfg.loss, fed, optional_modalities(cfg.data, fed))
+    check_teacher(cfg.loss, cfg.model, optional_modalities(cfg.data, fed))
     check_engine_config(cfg.engine, fed, cfg.data.batch_size)
     check_trackers(cfg.run)
     check_probe_config(cfg.eval.linear_probe)
@@ -136,7 +139,8 @@ class Trainer:
         random.seed(cfg.run.seed)
         self.engine = self._build_engine(initialise=resume_from is None)
         self.ema = build_average(self.engine, cfg.optim)  # None unless optim.ema_decay > 0
-        self.loss_fn = build_loss(cfg.loss)
+        self.loss_fn = with_distillation(build_loss(cfg.loss), cfg.loss)
+        self.teacher = build_teacher(cfg.loss, cfg.model, cfg.engine.precision, self.device)  # None: no distillation
         self.state, position = RunState(), (0, 0)
         if resume_from is not None:
             position = self._resume(resume_from)
@@ -221,7 +225,8 @@ class Trainer:
     def train_step(self, batch: Batch) -> Dict[str, float]:
         inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.inputs.items()}
         present = {m: batch.present[m].to(self.device) for m in self.optional}
-        loss_fn = partial(self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step))
+        teacher = {} if self.teacher is None else {"teacher": self.teacher.embed(inputs)}  # once, before the backward
+        loss_fn = partial(self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step), **teacher)
         metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
         self.state.advance(batch, metrics)
         if self.ema is not None:
