@@ -63,9 +63,11 @@ class GradCache:
     def __init__(self, chunk_sizes: Mapping[str, int]) -> None:
         self.chunk_sizes = dict(chunk_sizes)
 
-    def micro_steps(self, modalities: List[str], batch_size: int) -> int:
-        """Backward calls per step: the first chunks of all towers together, then one per chunk."""
-        return 1 + sum(math.ceil(batch_size / self.chunk_sizes.get(m, batch_size)) - 1 for m in modalities)
+    def micro_steps(self, modalities: List[str], batch_size: int, extra_rows: Mapping[str, int] = {}) -> int:
+        """Backward calls per step: the first chunks of all towers together, then one per chunk.
+        `extra_rows`: modality -> rows its towers embed beyond the batch's (hard negatives)."""
+        rows = {m: batch_size + extra_rows.get(m, 0) for m in modalities}
+        return 1 + sum(math.ceil(rows[m] / self.chunk_sizes.get(m, rows[m])) - 1 for m in modalities)
 
     @staticmethod
     def plan(chunks: Mapping[str, tuple]) -> List[List[tuple]]:
@@ -155,5 +157,5 @@ def build_backward(chunk_sizes: Mapping[str, int]) -> Backward:
     return GradCache(chunk_sizes) if chunk_sizes else plain_backward
 
 
-def micro_steps(backward: Backward, modalities: List[str], batch_size: int) -> int:
-    return backward.micro_steps(modalities, batch_size) if isinstance(backward, GradCache) else 1
+def micro_steps(backward: Backward, modalities: List[str], batch_size: int, extra_rows: Mapping[str, int] = {}) -> int:
+    return backward.micro_steps(modalities, batch_size, extra_rows) if isinstance(backward, GradCache) else 1
