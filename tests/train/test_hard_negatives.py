@@ -1,12 +1,14 @@
 """Hard negatives from the batch to the loss: embedded by their tower with the positives, handed to the
 loss as `negatives=`; exact through the gradient cache and under DeepSpeed ZeRO-2 on 2 processes."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.distributed as torch_dist
 
+from data_prep.writer import ShardSetWriter, brace_pattern
 from mmcl import config as config_lib
 from mmcl.config import LossConfig
 from mmcl.errors import ConfigError
@@ -14,7 +16,7 @@ from mmcl.losses import build_loss
 from mmcl.train.engine import DeepSpeedEngine, StepShape
 from mmcl.train.gradcache import GradCache, micro_steps, plain_backward
 from mmcl.train.negatives import HardNegatives
-from mmcl.train.trainer import check_config
+from mmcl.train.trainer import check_config, train
 
 from conftest import tiny_overrides
 from launch import launch
@@ -178,3 +180,31 @@ def test_two_processes_under_zero2_equal_one_process(tmp_path):
         assert rank["grads"].keys() == expected.keys()
         for name, grad in expected.items():
             torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def write_digit_shards(out, digit_pngs):
+    """32 captioned digits, each with two negative captions naming other digits."""
+    with ShardSetWriter(out, 16) as writer:
+        for i, (png, label) in enumerate(digit_pngs[:32]):
+            sample = {"__key__": f"s{i:02d}", "png": png, "txt": f"a handwritten {label}"}
+            sample["neg.txt"] = f"a handwritten {(label + 1) % 10}\na handwritten {(label + 5) % 10}\n".encode()
+            writer.write(sample)
+    return brace_pattern(out, len(writer.sizes))
+
+
+def test_training_runs_score_the_shards_negatives_and_the_cache_matches_plain(tmp_path, digit_pngs):
+    urls = write_digit_shards(tmp_path / "shards", digit_pngs)
+    negatives = {"data.negatives": "{text: neg.txt}", "data.negatives_per_sample": PER_SAMPLE}
+    runs = {"none": {}, "plain": negatives, "cached": {**negatives, "engine.grad_cache": "{image: 4, text: 6}"}}
+    records = {}
+    for name, extra in runs.items():
+        overrides = {"run.output_dir": tmp_path, "run.name": name, "run.steps": 2, "data.batch_size": 8, **extra}
+        train(config_lib.load(None, tiny_overrides(urls, **{"data.shuffle_buffer": 0, **overrides})))
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        records[name] = [json.loads(line) for line in lines if '"loss"' in line]
+    assert [r["step"] for r in records["plain"]] == [1, 2]
+    # The same first batch and weights: only the 16 extra text candidates differ, and raise the loss.
+    assert records["plain"][0]["loss"] > records["none"][0]["loss"] + 1e-3
+    for plain, cached in zip(records["plain"], records["cached"], strict=True):
+        assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert cached["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
