@@ -208,3 +208,35 @@ def test_training_runs_score_the_shards_negatives_and_the_cache_matches_plain(tm
     for plain, cached in zip(records["plain"], records["cached"], strict=True):
         assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
         assert cached["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+
+
+def train_worker(rank, world, overrides):
+    train(config_lib.load(None, overrides))
+    torch_dist.destroy_process_group()
+
+
+def test_two_process_zero3_runs_with_negatives_give_the_plain_backwards_steps(tmp_path, digit_pngs):
+    """The trainer sizes DeepSpeed's micro-steps for the negatives' chunks too: a step taken before the
+    last chunk, or after too few, would change the gradient norm and the next step's loss."""
+    urls = write_digit_shards(tmp_path / "shards", digit_pngs)
+    records = {}
+    for name, cache in (("plain", {}), ("cached", {"engine.grad_cache": "{image: 4, text: 6}"})):
+        overrides = {
+            "run.output_dir": tmp_path,
+            "run.name": name,
+            "run.steps": 2,
+            "data.batch_size": 8,
+            "data.shuffle_buffer": 0,
+            "data.negatives": "{text: neg.txt}",
+            "data.negatives_per_sample": PER_SAMPLE,
+            "engine.backend": "deepspeed",
+            "engine.zero_stage": 3,
+            **cache,
+        }
+        launch(train_worker, 2, tiny_overrides(urls, **overrides))
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        records[name] = [json.loads(line) for line in lines if '"loss"' in line]
+    assert [r["step"] for r in records["cached"]] == [1, 2]
+    for plain, cached in zip(records["plain"], records["cached"], strict=True):
+        assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+        assert cached["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
