@@ -58,6 +58,8 @@ def check_negatives_config(cfg: DataConfig, kinds: Mapping[str, str], key: str =
         entry = f"{key}.negatives.{modality}"
         if modality not in kinds:
             raise ConfigError(f"config key '{entry}': {modality!r} is not a fed tower ({', '.join(sorted(kinds))})")
+        if modality in cfg.optional_modalities:  # a sample lacking the modality would lack its negatives too
+            raise ConfigError(f"config key '{entry}': {modality!r} is optional (data.optional_modalities)")
         if kinds[modality] != "text":
             raise ConfigError(
                 f"config key '{entry}': negatives are read as text; the {modality!r} tower reads {kinds[modality]}"

@@ -5,7 +5,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 
 from data_prep.writer import ShardSetWriter, brace_pattern
-from mmcl.config import DataConfig
+from mmcl.config import DataConfig, SourceConfig
 from mmcl.data import InputSpec, TrainStream, build_eval_loader
 from mmcl.data.negatives import check_negatives_config, negative_inputs
 from mmcl.errors import ConfigError
@@ -91,6 +91,16 @@ def test_train_stream_tokenises_negatives_with_the_text_preprocessing(tmp_path, 
         ({"negatives": {"image": "neg.txt"}}, {"image": "image", "text": "text"}, "data.negatives.image"),
         ({"negatives": {"text": "neg.png"}}, {"image": "image", "text": "text"}, "data.negatives.text"),
         ({"negatives": {"text": ";"}}, {"image": "image", "text": "text"}, "data.negatives.text"),
+        (
+            {"negatives": {"text": "neg.txt"}, "optional_modalities": ["text"]},
+            {"image": "image", "text": "text"},
+            "optional",
+        ),
+        (
+            {"negatives": {"text": "neg.txt"}, "sources": [SourceConfig(urls="a.tar")]},
+            {"text": "text"},
+            "data.negatives",
+        ),
     ],
 )
 def test_negatives_the_towers_cannot_read_fail_naming_the_key(settings, kinds, message):
