@@ -4,22 +4,27 @@
                        image, one per line ("a 3 to the left of a 7", "a 7 to the right of a 3", ...)
 <out>/test/nshards.txt, <out>/dataset_type.txt ("retrieval"): CLIP_benchmark's retrieval layout, which
                        mmcl eval and CLIP_benchmark both read.
+<out>/train/{000000..N}.tar  (with `train_copies` > 0) png, txt: one caption, and neg.txt: that caption
+                       with the two digits swapped ("a 7 to the left of a 3"), for data.negatives.
 
-The digits are held-out images of the digits set (the same split and seed as data_prep/digits.py), so a
+The test digits are held-out images of the digits set (the same split and seed as data_prep/digits.py), so a
 model trained on that set never saw them. Every ordered pair of two different digits appears
 `images_per_pair` times, each from other images; the captions name only the two digits and their
-order, so telling an image's captions from its swapped pair's takes reading the order.
+order, so telling an image's captions from its swapped pair's takes reading the order. The training
+digits are the digits set's training images; each ordered pair appears `train_copies` times, its captions
+taken in turn, each with its order-swapped caption as a hard negative.
 """
 
 from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Callable, Dict, List
 
 import numpy as np
 
 from data_prep.digits import WORDS, png_bytes, split_digits
+from data_prep.negatives import swap_negatives
 from data_prep.writer import ShardSetWriter
 
 CAPTIONS = [
@@ -40,21 +45,11 @@ def prepare_digit_pairs(
     samples_per_shard: int = 1000,
     test_fraction: float = 0.2,
     seed: int = 0,
+    train_copies: int = 0,
 ) -> Dict[str, object]:
     out_dir = Path(out_dir)
-    digits, _, test_idx = split_digits(test_fraction, seed)
-    rng = random.Random(seed)
-    by_digit: Dict[int, List[int]] = {d: [int(i) for i in test_idx if digits.target[i] == d] for d in range(10)}
-    for indices in by_digit.values():
-        rng.shuffle(indices)
-    used = {d: 0 for d in range(10)}  # each digit's next unused image, so a pair's images differ
-
-    def next_image(digit: int) -> int:
-        images = by_digit[digit]
-        index = images[used[digit] % len(images)]
-        used[digit] += 1
-        return index
-
+    digits, train_idx, test_idx = split_digits(test_fraction, seed)
+    next_image = _image_picker(digits.target, test_idx, random.Random(seed))
     with ShardSetWriter(out_dir / "test", samples_per_shard, clip_benchmark_names=True) as test:
         for copy in range(images_per_pair):
             for left in range(10):
@@ -72,4 +67,50 @@ def prepare_digit_pairs(
                     )
         test.extra_stats = {"source": "sklearn.datasets.load_digits (held-out images)", "captions_per_image": 3}
     (out_dir / "dataset_type.txt").write_text("retrieval\n")
-    return {"test": test.sizes, "images": sum(test.sizes.values())}
+    summary: Dict[str, object] = {"test": test.sizes, "images": sum(test.sizes.values())}
+    if train_copies:
+        summary["train"] = _write_train(out_dir / "train", digits, train_idx, train_copies, samples_per_shard, seed)
+    return summary
+
+
+def _image_picker(targets: np.ndarray, indices: np.ndarray, rng: random.Random) -> Callable[[int], int]:
+    """digit -> the next of its images among `indices` (shuffled once, then in turn), so a pair's differ."""
+    by_digit: Dict[int, List[int]] = {d: [int(i) for i in indices if targets[i] == d] for d in range(10)}
+    for images in by_digit.values():
+        rng.shuffle(images)
+    used = {d: 0 for d in range(10)}
+
+    def next_image(digit: int) -> int:
+        images = by_digit[digit]
+        index = images[used[digit] % len(images)]
+        used[digit] += 1
+        return index
+
+    return next_image
+
+
+def _write_train(
+    out: Path, digits: Any, train_idx: np.ndarray, copies: int, samples_per_shard: int, seed: int
+) -> Dict[str, int]:
+    """Training pairs of training images: one caption each (the phrasings in turn) and, as its hard
+    negative, the caption with the two digits swapped: only the order tells them apart."""
+    next_image = _image_picker(digits.target, train_idx, random.Random(seed + 1))
+    with ShardSetWriter(out, samples_per_shard) as train:
+        for copy in range(copies):
+            for left in range(10):
+                for right in range(10):
+                    if left == right:
+                        continue
+                    a, b = next_image(left), next_image(right)
+                    caption = pair_captions(left, right)[copy % len(CAPTIONS)]
+                    side_by_side = np.concatenate([digits.images[a], digits.images[b]], axis=1)  # (8, 16)
+                    train.write(
+                        {
+                            "__key__": f"pair{left}{right}_{copy}_{a:04d}_{b:04d}",
+                            "png": png_bytes(side_by_side),
+                            "txt": caption,
+                            "neg.txt": "\n".join(swap_negatives(caption, 1)),
+                        }
+                    )
+        train.extra_stats = {"source": "sklearn.datasets.load_digits (training images)", "negatives": "order-swapped"}
+    return train.sizes

@@ -15,12 +15,14 @@ import csv
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data_prep.negatives import swap_negatives
 from data_prep.parallel import ShardRecord, write_resumable
 from data_prep.writer import atomic_shard
 from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, SampleError, decode_audio
@@ -188,9 +190,10 @@ def _problem(key: str, media: Media, text: str, shard_keys: Set[str]) -> Optiona
     return None
 
 
-def write_chunk(shard: Path, pairs: List[Pair]) -> ShardRecord:
+def write_chunk(shard: Path, pairs: List[Pair], negatives: int = 0) -> ShardRecord:
     """One shard from one chunk of pairs (run in a worker process). Keys are checked within the shard:
-    webdataset groups a tar's members by key, so a repeated key there would merge two samples."""
+    webdataset groups a tar's members by key, so a repeated key there would merge two samples.
+    `negatives` > 0: up to that many swapped captions in `neg.txt`, one per line (none: no field)."""
     record = ShardRecord(rows=len(pairs))
     shard_keys: Set[str] = set()
     with atomic_shard(shard) as tar:
@@ -201,6 +204,9 @@ def write_chunk(shard: Path, pairs: List[Pair]) -> ShardRecord:
                 continue
             shard_keys.add(key)
             sample: Dict[str, Any] = {"__key__": key, "txt": text}
+            swapped = swap_negatives(text, negatives) if negatives else []
+            if swapped:
+                sample["neg.txt"] = "\n".join(swapped)
             for path in media.values():
                 sample[path.suffix.lower().lstrip(".")] = path.read_bytes()  # type: ignore[union-attr]
             tar.write(sample)
@@ -209,9 +215,19 @@ def write_chunk(shard: Path, pairs: List[Pair]) -> ShardRecord:
 
 
 def write_pairs(
-    pairs: PairSource, out_dir: str | Path, samples_per_shard: int = 1000, progress: bool = True, workers: int = 1
+    pairs: PairSource,
+    out_dir: str | Path,
+    samples_per_shard: int = 1000,
+    progress: bool = True,
+    workers: int = 1,
+    negatives: int = 0,
 ) -> Dict[str, Any]:
     """Shards of `pairs` in `out_dir` (see data_prep.parallel: `workers` processes; a rerun of the same
-    input and settings finishes an interrupted set). Returns the summary of _stats.json; the rejected
-    rows are listed in the file."""
-    return write_resumable(pairs, Path(out_dir), samples_per_shard, pairs.identity, write_chunk, workers, progress)
+    input and settings finishes an interrupted set). `negatives` > 0: each sample also holds up to that
+    many rule-based negative captions (data_prep.negatives) in `neg.txt`, one per line; a caption no swap
+    changes gets none. Returns the summary of _stats.json; the rejected rows are listed in the file."""
+    if negatives < 0:
+        raise DataError(f"negatives per caption must be at least 0, not {negatives}")
+    identity = {**pairs.identity, "negatives": negatives} if negatives else pairs.identity
+    writer = partial(write_chunk, negatives=negatives) if negatives else write_chunk
+    return write_resumable(pairs, Path(out_dir), samples_per_shard, identity, writer, workers, progress)

@@ -47,8 +47,13 @@ def _prep(args: argparse.Namespace) -> None:
         print(f"train shards: {brace_pattern(Path(args.out) / 'train', len(summary['train']))}")
         return
     if args.source == "digit-pairs":
-        summary = prepare_digit_pairs(args.out, test_fraction=args.test_fraction, seed=args.seed)
+        summary = prepare_digit_pairs(
+            args.out, test_fraction=args.test_fraction, seed=args.seed, train_copies=args.train_copies
+        )
         print(f"digit pairs: {summary['images']} images of two held-out digits, 3 captions each, in {args.out}")
+        if args.train_copies:
+            train = brace_pattern(Path(args.out) / "train", len(summary["train"]))  # type: ignore[arg-type]
+            print(f"train shards (neg.txt: order-swapped captions): {train}")
         return
     if args.source == "spoken-digits":
         summary = prepare_spoken_digits(
@@ -91,7 +96,8 @@ def _prep(args: argparse.Namespace) -> None:
         )
     workers = args.workers or os.cpu_count() or 1
     start = time.perf_counter()
-    stats = write_pairs(pairs, args.out, args.samples_per_shard, not args.no_progress, workers)
+    negatives = args.negatives_per_caption if args.negatives == "swap" else 0
+    stats = write_pairs(pairs, args.out, args.samples_per_shard, not args.no_progress, workers, negatives)
     seconds = time.perf_counter() - start
     print(
         f"wrote {stats['samples']} samples in {stats['shards']} shards; rejected {stats['rejected']} "
@@ -255,6 +261,16 @@ def parser() -> argparse.ArgumentParser:
     )
     prep.add_argument("--no-progress", action="store_true", help="folder, manifest: no progress bar")
     prep.add_argument(
+        "--negatives",
+        choices=["none", "swap"],
+        default="none",
+        help="folder, manifest: swap: also write rule-based negative captions (two numbers, else two words of "
+        "the caption swapped, NegCLIP-style) as neg.txt, one per line, for data.negatives",
+    )
+    prep.add_argument(
+        "--negatives-per-caption", type=int, default=3, help="folder, manifest with --negatives swap: at most this many"
+    )
+    prep.add_argument(
         "--captions-per-image",
         type=int,
         default=None,
@@ -265,6 +281,13 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--clips-per-voice", type=int, default=3, help="spoken-digits: clips per voice and digit")
     prep.add_argument("--test-fraction", type=float, default=0.2, help="digits: held-out share")
     prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument(
+        "--train-copies",
+        type=int,
+        default=0,
+        help="digit-pairs: also a training split of training images, each ordered pair this many times, with "
+        "order-swapped negative captions in neg.txt (default 0: the test split only)",
+    )
     prep.set_defaults(run=_prep)
 
     starter = commands.add_parser("init", help="write a starter config for a new run from a bundled one")

@@ -104,6 +104,15 @@ class DataConfig:
     # Modalities a sample may lack (e.g. [image, audio] for a mix of image-text and audio-text pairs):
     # a pair's loss is then taken over the samples holding both. Other modalities are required.
     optional_modalities: List[str] = field(default_factory=list)
+    # Explicit hard negatives: modality -> the shard field holding a sample's negatives of that modality
+    # as UTF-8 text, one per line (e.g. {text: neg.txt}; text towers only). Each is embedded by the
+    # modality's tower and is an extra candidate for the losses that take negatives (infonce, dcl, hcl,
+    # hn_nce, multi_positive). A sample without the field, or with no non-blank line, is skipped and
+    # counted as unreadable. {}: none.
+    negatives: Dict[str, str] = field(default_factory=dict)
+    # H, the negatives each sample contributes: the first H lines; a sample with fewer repeats its
+    # lines in order up to H (a repeated negative counts twice in the loss).
+    negatives_per_sample: int = at_least(1, 1)
 
 
 @dataclass

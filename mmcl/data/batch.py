@@ -17,6 +17,8 @@ class Batch:
     # A ragged modality (several rows per sample): modality -> (B,) rows of each sample, in order.
     counts: Dict[str, torch.Tensor] = field(default_factory=dict)
     sources: List[int] = field(default_factory=list)  # each sample's training source (index in the config)
+    # Explicit hard negatives (data.negatives): modality -> (B, H, ...) preprocessed, H per sample.
+    negatives: Dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.keys)

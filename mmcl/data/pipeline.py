@@ -51,6 +51,9 @@ class InputSpec:
     # preprocess returns (K, ...): K rows per sample, K varying (several captions of one image, in
     # evaluation); the batch holds every sample's rows concatenated and `Batch.counts` their K.
     ragged: bool = False
+    # The modality whose explicit hard negatives this input holds ((H, ...) per sample): the batch carries
+    # it in `Batch.negatives`, apart from the inputs. "": an input of its own.
+    negatives_of: str = ""
 
     def __post_init__(self) -> None:
         check_fields(self.kind, self.fields)
@@ -164,16 +167,21 @@ def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Opti
         else:
             tensors[modality] = spec.preprocess(decode_field(sample, spec.kind, spec.fields))
     if any(spec.placeholder is not None for spec in inputs.values()):
-        present = [m for m, tensor in tensors.items() if tensor is not None and inputs[m].kind != "label"]
+        present = [
+            m for m, t in tensors.items() if t is not None and inputs[m].kind != "label" and not inputs[m].negatives_of
+        ]
         if len(present) < 2:
             raise SampleError(f"only {present or 'no modality'} present: nothing to contrast")
     return tensors
 
 
 def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> Batch:
-    batch_inputs, present, counts = {}, {}, {}
+    batch_inputs, present, counts, negatives = {}, {}, {}, {}
     for modality, spec in inputs.items():
         rows: List[Optional[torch.Tensor]] = [tensors.get(modality) for _, _, tensors in items]
+        if spec.negatives_of:
+            negatives[spec.negatives_of] = torch.stack(rows)  # type: ignore[arg-type]  # B x (H, ...) -> (B, H, ...)
+            continue
         if spec.ragged:
             batch_inputs[modality] = torch.cat(rows)  # type: ignore[arg-type]  # (sum K, ...)
             counts[modality] = torch.tensor([len(row) for row in rows])  # type: ignore[arg-type]  # (B,)
@@ -184,7 +192,7 @@ def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> 
         batch_inputs[modality] = torch.stack(filled)  # type: ignore[arg-type]  # (B, ...)
     keys = [where for where, _, _ in items]
     sources = [source for _, source, _ in items]
-    return Batch(inputs=batch_inputs, keys=keys, skipped=skipped, present=present, counts=counts, sources=sources)
+    return Batch(batch_inputs, keys, skipped, present, counts, sources, negatives)
 
 
 def _pipeline(

@@ -65,6 +65,7 @@ class ContrastiveLoss(nn.Module):
     gathers = True  # whether pair_loss needs every process's embeddings (global_a, global_b)
     takes_missing = True  # whether a pair can be scored over a subset of the batch (see `present`)
     same_modality_negatives = False  # whether `loss.same_modality_negatives` is offered
+    takes_negatives = False  # whether explicit hard negatives (`negatives`, data.negatives) are scored
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()
@@ -274,6 +275,8 @@ class RowwiseLoss(ContrastiveLoss):
     modality's explicit hard negatives, and, with `same_modality_negatives`, the other rows of its own
     modality: the anchor itself is then excluded, so each row has 2C - 2 negatives, as in SimCLR.
     """
+
+    takes_negatives = True
 
     def pair_loss(self, pair: PairInputs) -> torch.Tensor:
         name = self.cfg.name

@@ -68,10 +68,12 @@ class GradCache:
         self.chunk_sizes = dict(chunk_sizes)
         self.frozen = set(frozen)
 
-    def micro_steps(self, modalities: List[str], batch_size: int) -> int:
-        """Backward calls per step: the first chunks of all trained towers together, then one per chunk."""
+    def micro_steps(self, modalities: List[str], batch_size: int, extra_rows: Mapping[str, int] = {}) -> int:
+        """Backward calls per step: the first chunks of all trained towers together, then one per chunk.
+        `extra_rows`: modality -> rows its tower embeds beyond the batch's (hard negatives)."""
         trained = [m for m in modalities if m not in self.frozen]
-        return 1 + sum(math.ceil(batch_size / self.chunk_sizes.get(m, batch_size)) - 1 for m in trained)
+        rows = {m: batch_size + extra_rows.get(m, 0) for m in trained}
+        return 1 + sum(math.ceil(rows[m] / self.chunk_sizes.get(m, rows[m])) - 1 for m in trained)
 
     def plan(self, chunks: Mapping[str, tuple]) -> List[List[tuple]]:
         """[(modality, chunk index), ...] per micro-step: all first chunks, then the rest one by one."""
@@ -164,5 +166,5 @@ def build_backward(chunk_sizes: Mapping[str, int], frozen: Sequence[str] = ()) -
     return GradCache(chunk_sizes, frozen) if chunk_sizes else plain_backward
 
 
-def micro_steps(backward: Backward, modalities: List[str], batch_size: int) -> int:
-    return backward.micro_steps(modalities, batch_size) if isinstance(backward, GradCache) else 1
+def micro_steps(backward: Backward, modalities: List[str], batch_size: int, extra_rows: Mapping[str, int] = {}) -> int:
+    return backward.micro_steps(modalities, batch_size, extra_rows) if isinstance(backward, GradCache) else 1

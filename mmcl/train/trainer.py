@@ -24,6 +24,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.init_from import load_initial_weights
 from mmcl.config import Config, RunConfig, parse_fields
 from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
+from mmcl.data.negatives import negative_inputs
 from mmcl.data.sources import build_mixing, held_modalities, optional_modalities, training_sources
 from mmcl.eval.datasets import check_dataset
 from mmcl.eval.suite import evaluate_all
@@ -36,8 +37,9 @@ from mmcl.train.best import KeepBest, check_keep_best
 from mmcl.train.compile import compile_towers
 from mmcl.train.ema import build_average, ema_report_path, with_ema_results
 from mmcl.train.engine import Engine, StepShape, build_engine, check_engine_config
-from mmcl.train.gradcache import build_backward, micro_steps
+from mmcl.train.gradcache import LossFn, build_backward, micro_steps
 from mmcl.train.metrics_log import TrainingLog
+from mmcl.train.negatives import HardNegatives, check_negatives
 from mmcl.train.precision import build_autocast
 from mmcl.train.run_state import RunState, check_health
 from mmcl.train.step import train_step
@@ -59,6 +61,7 @@ def check_config(cfg: Config) -> None:
     fed = held_modalities(cfg.data, list(cfg.model.towers))
     check_loss_config(cfg.loss, fed, optional_modalities(cfg.data, fed))
     check_teacher(cfg.loss, cfg.model, optional_modalities(cfg.data, fed))
+    check_negatives(cfg, {m: TOWERS.get(cfg.model.towers[m].type).input_kind for m in fed})
     check_engine_config(cfg.engine, fed, cfg.data.batch_size)
     check_trackers(cfg.run)
     check_probe_config(cfg.eval.linear_probe)
@@ -135,6 +138,7 @@ class Trainer:
         self.device = dist.resolve_device(cfg.engine.device)
         dist.init_from_env(self.device)
         self.run_dir, resume_from, self.config_yaml = open_run_dir(cfg)
+        self.hard_negatives = HardNegatives(list(cfg.data.negatives), cfg.data.negatives_per_sample)
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         random.seed(cfg.run.seed)
         self.engine = self._build_engine(initialise=resume_from is None)
@@ -147,7 +151,10 @@ class Trainer:
         sources = training_sources(cfg.data, self.fed)
         self.stream = TrainStream(
             cfg.data.train,
-            stream_inputs(self.engine.model, cfg, self.fed),
+            {
+                **stream_inputs(self.engine.model, cfg, self.fed),
+                **negative_inputs(cfg.data, self.engine.model.preprocessors(True)),
+            },
             cfg.data.batch_size,
             cfg.data.workers,
             cfg.data.shuffle_buffer,
@@ -191,7 +198,8 @@ class Trainer:
             compile_towers(model)
         self.backward = build_backward(cfg.engine.grad_cache, [m for m in self.fed if not model.trains(m)])
         batch = cfg.data.batch_size
-        shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, self.fed, batch))
+        extra_rows = self.hard_negatives.extra_rows(batch)  # the negatives' rows, embedded with the positives
+        shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, self.fed, batch, extra_rows))
         return build_engine(model.to(self.device), cfg.engine, cfg.optim, shape, self.device)
 
     def train(self) -> RunResult:
@@ -226,7 +234,10 @@ class Trainer:
         inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.inputs.items()}
         present = {m: batch.present[m].to(self.device) for m in self.optional}
         teacher = {} if self.teacher is None else {"teacher": self.teacher.embed(inputs)}  # once, before the backward
-        loss_fn = partial(self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step), **teacher)
+        loss_fn: LossFn = partial(
+            self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step), **teacher
+        )
+        inputs, loss_fn = self.hard_negatives.attach(inputs, batch.negatives, loss_fn)
         metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
         self.state.advance(batch, metrics)
         if self.ema is not None:
