@@ -143,7 +143,8 @@ class Trainer:
         random.seed(cfg.run.seed)
         self.engine = self._build_engine(initialise=resume_from is None)
         self.ema = build_average(self.engine, cfg.optim)  # None unless optim.ema_decay > 0
-        self.loss_fn = with_distillation(build_loss(cfg.loss), cfg.loss)
+        contrastive = build_loss(cfg.loss)
+        self.loss_fn = with_distillation(contrastive, cfg.loss)
         self.teacher = build_teacher(cfg.loss, cfg.model, cfg.engine.precision, self.device)  # None: no distillation
         self.state, position = RunState(), (0, 0)
         if resume_from is not None:
@@ -167,7 +168,8 @@ class Trainer:
         self.autocast = build_autocast(cfg.engine.precision, self.device)
         val_inputs = stream_inputs(self.engine.model, cfg, self.fed, train=False) if cfg.data.val else {}
         self.validation = Validation(
-            cfg, val_inputs, self.optional, self.engine, self.loss_fn, self.autocast, self.device
+            # The contrastive loss alone: a distillation term would need the teacher on held-out data too.
+            cfg, val_inputs, self.optional, self.engine, contrastive, self.autocast, self.device
         )
         self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)
         self.best.restore(self.state, self.run_dir)
