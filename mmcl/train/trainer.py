@@ -167,8 +167,8 @@ class Trainer:
         self.optional = optional_modalities(cfg.data, self.fed)
         self.autocast = build_autocast(cfg.engine.precision, self.device)
         val_inputs = stream_inputs(self.engine.model, cfg, self.fed, train=False) if cfg.data.val else {}
+        # Validation scores the contrastive loss alone: a distillation term would need the teacher there too.
         self.validation = Validation(
-            # The contrastive loss alone: a distillation term would need the teacher on held-out data too.
             cfg, val_inputs, self.optional, self.engine, contrastive, self.autocast, self.device
         )
         self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)
