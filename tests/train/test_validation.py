@@ -19,7 +19,7 @@ import torch.distributed as torch_dist
 
 from mmcl import config as config_lib
 from mmcl.checkpoint import state as checkpoints
-from mmcl.cli import _checkpoint_dir
+from mmcl.checkpoint.saved_model import checkpoint_dir
 from mmcl.data.decode import decode_image, decode_text
 from mmcl.errors import ConfigError
 from mmcl.models import MultiEncoder, load_model
@@ -157,7 +157,7 @@ def test_best_follows_the_lowest_val_loss_and_survives_resume(runs, digits_root)
     meta = checkpoints.read_meta(checkpoints.latest(run))
     assert (meta["best_value"], meta["best_step"]) == (logged[best_step], best_step)
     # mmcl eval / convert accept the run directory's best checkpoint
-    assert _checkpoint_dir(run / "best") == _checkpoint_dir(run / "checkpoints" / "best") == checkpoints.best(run)
+    assert checkpoint_dir(run / "best") == checkpoint_dir(run / "checkpoints" / "best") == checkpoints.best(run)
 
     resumed = Trainer(config_lib.load(None, [*overrides(digits_root, runs, "validated", True), "run.resume=latest"]))
     assert (resumed.state.best_value, resumed.state.best_step) == (logged[best_step], best_step)
