@@ -1,9 +1,16 @@
 """Compositional digits: two real handwritten digits side by side, captioned by their order.
 
-<out>/test/{0..N}.tar  png (8x16: the left digit, then the right one) and txt: several captions of the
-                       image, one per line ("a 3 to the left of a 7", "a 7 to the right of a 3", ...)
+Each image is 16x16: the two 8x8 digits side by side in its middle rows, blank rows above and below,
+so that the square crops of image preprocessing keep both digits whole.
+
+<out>/test/{0..N}.tar  png and txt: several captions of the image, one per line ("a 3 to the left of a 7",
+                       "a 7 to the right of a 3", ...)
 <out>/test/nshards.txt, <out>/dataset_type.txt ("retrieval"): CLIP_benchmark's retrieval layout, which
                        mmcl eval and CLIP_benchmark both read.
+<out>/order/           the caption-choice set of the same images (dataset_type.txt "caption_choice"): one
+                       sample per image and phrasing, txt the phrasing and neg.txt the same phrasing with the
+                       two digits swapped. Telling them apart takes reading the order: a model that sees a
+                       caption as a bag of words scores about 50%.
 <out>/train/{000000..N}.tar  (with `train_copies` > 0) png, txt: one caption, and neg.txt: that caption
                        with the two digits swapped ("a 7 to the left of a 3"), for data.negatives.
 
@@ -39,6 +46,13 @@ def pair_captions(left: int, right: int) -> List[str]:
     return [c.format(left=left, right=right, left_word=WORDS[left], right_word=WORDS[right]) for c in CAPTIONS]
 
 
+def side_by_side(left: np.ndarray, right: np.ndarray) -> np.ndarray:
+    """Two 8x8 digits -> one 16x16 image: side by side in the middle rows, blank rows above and below."""
+    image = np.zeros((16, 16), dtype=left.dtype)
+    image[4:12] = np.concatenate([left, right], axis=1)  # (8, 8) + (8, 8) -> (8, 16)
+    return image
+
+
 def prepare_digit_pairs(
     out_dir: str | Path,
     images_per_pair: int = 1,
@@ -50,27 +64,49 @@ def prepare_digit_pairs(
     out_dir = Path(out_dir)
     digits, train_idx, test_idx = split_digits(test_fraction, seed)
     next_image = _image_picker(digits.target, test_idx, random.Random(seed))
+    test_images = [
+        (left, right, copy, next_image(left), next_image(right))
+        for copy in range(images_per_pair)
+        for left in range(10)
+        for right in range(10)
+        if left != right
+    ]
     with ShardSetWriter(out_dir / "test", samples_per_shard, clip_benchmark_names=True) as test:
-        for copy in range(images_per_pair):
-            for left in range(10):
-                for right in range(10):
-                    if left == right:
-                        continue
-                    a, b = next_image(left), next_image(right)
-                    side_by_side = np.concatenate([digits.images[a], digits.images[b]], axis=1)  # (8, 16)
-                    test.write(
-                        {
-                            "__key__": f"pair{left}{right}_{copy}_{a:04d}_{b:04d}",
-                            "png": png_bytes(side_by_side),
-                            "txt": "\n".join(pair_captions(left, right)),
-                        }
-                    )
+        for left, right, copy, a, b in test_images:
+            test.write(
+                {
+                    "__key__": f"pair{left}{right}_{copy}_{a:04d}_{b:04d}",
+                    "png": png_bytes(side_by_side(digits.images[a], digits.images[b])),
+                    "txt": "\n".join(pair_captions(left, right)),
+                }
+            )
         test.extra_stats = {"source": "sklearn.datasets.load_digits (held-out images)", "captions_per_image": 3}
     (out_dir / "dataset_type.txt").write_text("retrieval\n")
     summary: Dict[str, object] = {"test": test.sizes, "images": sum(test.sizes.values())}
+    summary["order"] = _write_order(out_dir / "order", digits, test_images, samples_per_shard)
     if train_copies:
         summary["train"] = _write_train(out_dir / "train", digits, train_idx, train_copies, samples_per_shard, seed)
     return summary
+
+
+def _write_order(out: Path, digits: Any, test_images: List[tuple], samples_per_shard: int) -> Dict[str, int]:
+    """The caption-choice set: each test image once per phrasing, against that phrasing order-swapped."""
+    with ShardSetWriter(out / "test", samples_per_shard, clip_benchmark_names=True) as order:
+        for left, right, copy, a, b in test_images:
+            image = png_bytes(side_by_side(digits.images[a], digits.images[b]))
+            swapped = pair_captions(right, left)
+            for phrasing, caption in enumerate(pair_captions(left, right)):
+                order.write(
+                    {
+                        "__key__": f"pair{left}{right}_{copy}_{a:04d}_{b:04d}_{phrasing}",
+                        "png": image,
+                        "txt": caption,
+                        "neg.txt": swapped[phrasing],
+                    }
+                )
+        order.extra_stats = {"source": "sklearn.datasets.load_digits (held-out images)", "negatives": "order-swapped"}
+    (out / "dataset_type.txt").write_text("caption_choice\n")
+    return order.sizes
 
 
 def _image_picker(targets: np.ndarray, indices: np.ndarray, rng: random.Random) -> Callable[[int], int]:
@@ -103,11 +139,10 @@ def _write_train(
                         continue
                     a, b = next_image(left), next_image(right)
                     caption = pair_captions(left, right)[copy % len(CAPTIONS)]
-                    side_by_side = np.concatenate([digits.images[a], digits.images[b]], axis=1)  # (8, 16)
                     train.write(
                         {
                             "__key__": f"pair{left}{right}_{copy}_{a:04d}_{b:04d}",
-                            "png": png_bytes(side_by_side),
+                            "png": png_bytes(side_by_side(digits.images[a], digits.images[b])),
                             "txt": caption,
                             "neg.txt": "\n".join(swap_negatives(caption, 1)),
                         }

@@ -47,7 +47,7 @@ TEMPLATES = [
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """An 8x8 array of 0..16 intensities -> grayscale PNG bytes (0..255)."""
+    """An array of 0..16 intensities (an 8x8 digit, a 16x16 pair) -> grayscale PNG bytes (0..255)."""
     image = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L")
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

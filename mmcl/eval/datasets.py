@@ -7,7 +7,10 @@ CLIP_benchmark's webdataset layout (what data_prep writes for the bundled sets):
     <root>/test/{0..N}.tar, test/nshards.txt        shards: ".cls" label, an image and/or audio, optional ".txt"
                                                     (without nshards.txt: every test/*.tar)
     <root>/dataset_type.txt                         optional: "retrieval" for a set without classes, whose
-                                                    ".txt" holds several captions of the image, one per line
+                                                    ".txt" holds several captions of the image, one per line;
+                                                    "caption_choice" for a set of images, each with its true
+                                                    caption(s) in ".txt" and wrong ones in ".neg.txt", one per
+                                                    line (SugarCrepe's and ARO's task)
     <root>/<split>/{0..N}.tar                       optional: a labelled split (e.g. train/) the few-shot
                                                     linear probe learns from
     <root>/dataset.json                             optional: {"retrieval_match": "class"} when the items
@@ -51,6 +54,11 @@ def read_lines(path: Path) -> List[str]:
     return [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+# The field of a caption-choice sample holding its wrong captions, one per line (data.negatives' layout).
+NEGATIVES_FIELD = "neg.txt"
+TASKS = ("classification", "retrieval", "caption_choice")
+
+
 @dataclass
 class EvalSet:
     name: str
@@ -63,6 +71,7 @@ class EvalSet:
     # index `keep` accepts are read (a process reads its own share).
     folder_samples: Callable[..., Iterator[dict]]
     root: Path = Path(".")
+    task: str = "classification"  # one of TASKS; a set without classes is scored by retrieval
 
     def labelled_split(self, split: str) -> List[str]:
         """The shards of <root>/<split>/ when its samples hold class labels (what a few-shot probe
@@ -101,8 +110,8 @@ def split_shards(split_dir: Path) -> List[str]:
 def _dataset_type(root: Path) -> str:
     path = root / "dataset_type.txt"
     kind = path.read_text().strip().lower() if path.is_file() else "classification"
-    if kind not in ("classification", "retrieval"):
-        raise DataError(f"{path}: dataset type {kind!r} is not supported (classification or retrieval)")
+    if kind not in TASKS:
+        raise DataError(f"{path}: dataset type {kind!r} is not supported ({', '.join(TASKS)})")
     return kind
 
 
@@ -126,12 +135,17 @@ def load_dataset(root: str | Path) -> EvalSet:
     templates = read_lines(root / TEMPLATES_FILE) if (root / TEMPLATES_FILE).is_file() else None
     shards = split_shards(root / "test")
     if shards:
-        if _dataset_type(root) == "retrieval":
+        task = _dataset_type(root)
+        if task != "classification":
             if match == "class":
-                raise DataError(f"{root}: retrieval_match 'class' needs class labels, which a retrieval set lacks")
-            return EvalSet(
-                root.name, [], [], _first_sample_fields(shards[0]), match, shards, lambda keep=None: iter(()), root
-            )
+                raise DataError(f"{root}: retrieval_match 'class' needs class labels, which a {task} set lacks")
+            fields = _first_sample_fields(shards[0])
+            if task == "caption_choice" and not {"txt", NEGATIVES_FIELD} <= fields:
+                raise DataError(
+                    f"{root}: a caption_choice set's samples hold their true captions in .txt and the wrong ones "
+                    f"in .{NEGATIVES_FIELD}; its first sample holds {sorted(fields)}"
+                )
+            return EvalSet(root.name, [], [], fields, match, shards, lambda keep=None: iter(()), root, task)
         for required in ("classnames.txt", TEMPLATES_FILE):
             if not (root / required).is_file():
                 raise FileNotFoundError(f"evaluation dataset {root}: no {required}")
@@ -159,6 +173,7 @@ def load_dataset(root: str | Path) -> EvalSet:
             own_shards,
             lambda keep=None: iter(()),
             root,
+            "classification" if classnames else "retrieval",
         )
     folders = _class_folders(root)
     if not folders:

@@ -66,6 +66,7 @@ def _embed_part(
     modalities: Sequence[str],
     labelled: bool,
     device: torch.device,
+    towers: Mapping[str, str],
 ) -> _Part:
     emb: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
     counts: Dict[str, List[torch.Tensor]] = {m: [] for m in modalities}
@@ -75,7 +76,7 @@ def _embed_part(
     skipped = 0
     for batch in batches:
         for m in modalities:
-            emb[m].append(model.encode(m, batch.inputs[m].to(device)).float().cpu())
+            emb[m].append(model.encode(towers.get(m, m), batch.inputs[m].to(device)).float().cpu())
             counts[m].append(batch.counts.get(m, torch.ones(len(batch), dtype=torch.long)))
         if labelled:
             labels.append(batch.inputs["label"])
@@ -141,9 +142,11 @@ def embed_split(
     device: torch.device,
     desc: str = "eval",
     progress: bool = True,
+    towers: Optional[Mapping[str, str]] = None,
 ) -> Embedded:
     """Collective when distributed: every process calls it with the same split. `inputs` holds the
-    modalities to embed, and "label" to read class ids."""
+    modalities to embed, and "label" to read class ids; `towers`: the tower embedding an input that is
+    not named after its modality (e.g. a sample's wrong captions: the text tower)."""
     rank, world = dist.rank(), dist.world_size()
     modalities = [m for m in inputs if m != "label"]
     labelled = "label" in inputs
@@ -158,5 +161,5 @@ def embed_split(
         batches = batches_from_samples(samples, dict(inputs), batch_size)
         shard_index = lambda url: int(url.rsplit("[", 1)[1].rstrip("]"))  # noqa: E731
     batches = tqdm(batches, desc=desc, disable=not progress or rank != 0, leave=False)
-    part = _embed_part(model, batches, shard_index, modalities, labelled, device)
+    part = _embed_part(model, batches, shard_index, modalities, labelled, device, towers or {})
     return _merge(_gather(part, modalities), modalities, labelled)

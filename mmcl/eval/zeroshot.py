@@ -1,6 +1,7 @@
 """Zero-shot evaluation of a model on one dataset (layouts: datasets.py): classification of every
 non-text modality by prompt ensembles, a linear probe on the frozen embeddings, and recall@k in both
-directions for every pair of modalities (a sample's several captions all count as its matches)."""
+directions for every pair of modalities (a sample's several captions all count as its matches); or, on
+a caption-choice set, the share of true captions chosen over the wrong ones (caption_choice.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mmcl.config import ProbeConfig, parse_fields
 from mmcl.data import InputSpec
 from mmcl.data.decode import shard_field
 from mmcl.errors import ConfigError, DataError
+from mmcl.eval.caption_choice import WRONG_CAPTIONS, WRONG_CAPTIONS_FIELD, caption_choice_accuracy
 from mmcl.eval.datasets import EvalSet, load_dataset
 from mmcl.eval.embed import Embedded, embed_split
 from mmcl.eval.linear_probe import fewshot_probe, linear_probe
@@ -75,6 +77,8 @@ def eval_inputs(
             inputs[modality] = InputSpec(kind, present, captions_of(preprocess[modality]), ragged=True)
         elif present:
             inputs[modality] = InputSpec(kind, present, preprocess[modality])
+    if dataset.task == "caption_choice" and "text" in inputs:
+        inputs[WRONG_CAPTIONS] = InputSpec("text", [WRONG_CAPTIONS_FIELD], captions_of(preprocess["text"]), ragged=True)
     return inputs
 
 
@@ -104,14 +108,24 @@ def evaluate_dataset(
     dataset = load_dataset(root)
     classify = bool(dataset.classnames)  # a retrieval set or a plain mmcl shard set has no classes
     inputs = eval_inputs(model, dataset, fields, classify)
-    modalities = [m for m in inputs if m != "label"]
+    modalities = [m for m in inputs if m not in ("label", WRONG_CAPTIONS)]
     if not [m for m in modalities if m != "text"] or (not classify and len(modalities) < 2):
         raise DataError(
             f"{root}: nothing to evaluate: its samples hold {sorted(dataset.fields)}, the model's "
             f"towers read {dict(fields)}{'' if classify else ', and it has no classes'}"
         )
+    if dataset.task == "caption_choice" and "text" not in inputs:
+        raise DataError(f"{root}: a caption-choice set needs a text tower reading its .txt captions ({dict(fields)})")
     split = embed_split(
-        model, dataset.shards, dataset.folder_samples, inputs, batch_size, device, f"eval {dataset.name}", progress
+        model,
+        dataset.shards,
+        dataset.folder_samples,
+        inputs,
+        batch_size,
+        device,
+        f"eval {dataset.name}",
+        progress,
+        {WRONG_CAPTIONS: "text"},
     )
     probe_split = _embed_probe_split(model, dataset, inputs, probe, batch_size, device, progress) if classify else None
     # Process 0 computes the metrics while the others wait in the vote below, so an error there (a class
@@ -145,7 +159,10 @@ def _metrics(
         classifier = class_embeddings(model, tokenize, dataset.classnames, dataset.templates, device).float().cpu()
         confusion = _classify(split, classifier, len(dataset.classnames), metrics)
         _probe(split, probe_split, probe, metrics)
-    _retrieval(split, recall_k, dataset.retrieval_match == "class", metrics)
+    if dataset.task == "caption_choice":
+        _caption_choice(split, metrics)
+    else:
+        _retrieval(split, recall_k, dataset.retrieval_match == "class", metrics)
     metrics.update(
         dataset=dataset.name,
         samples=len(split),
@@ -235,6 +252,22 @@ def _retrieval(split: Embedded, recall_k: Sequence[int], by_class: bool, metrics
             matches = q_owner[:, None] == g_owner[None, :]  # (Nq, Ng)
             for k, value in recall_at_k(split.emb[q], split.emb[g], recall_k, matches).items():
                 metrics[_retrieval_name(q, g, k)] = value
+
+
+def _caption_choice(split: Embedded, metrics: Dict[str, Any]) -> None:
+    """Each non-text modality's choice of its true captions over the wrong ones into `metrics`. (No
+    retrieval: a caption-choice set may hold one image in several samples, one per true caption.)"""
+    for m in split.emb:
+        if m not in ("text", WRONG_CAPTIONS):
+            accuracy = caption_choice_accuracy(
+                split.emb[m],
+                split.emb["text"],
+                split.counts["text"],
+                split.emb[WRONG_CAPTIONS],
+                split.counts[WRONG_CAPTIONS],
+            )
+            metrics[_metric_name(m, "caption_choice_acc")] = accuracy
+    metrics["caption_choice_trials"] = int(split.counts["text"].sum())
 
 
 def _metric_name(modality: str, name: str) -> str:
