@@ -166,10 +166,17 @@ class Trainer:
         self.sources = len(sources)
         self.optional = optional_modalities(cfg.data, self.fed)
         self.autocast = build_autocast(cfg.engine.precision, self.device)
-        val_inputs = stream_inputs(self.engine.model, cfg, self.fed, train=False) if cfg.data.val else {}
+        val_inputs = (
+            {
+                **stream_inputs(self.engine.model, cfg, self.fed, train=False),
+                **negative_inputs(cfg.data, self.engine.model.preprocessors(False)),
+            }
+            if cfg.data.val
+            else {}
+        )
         # Validation scores the contrastive loss alone: a distillation term would need the teacher there too.
         self.validation = Validation(
-            cfg, val_inputs, self.optional, self.engine, contrastive, self.autocast, self.device
+            cfg, val_inputs, self.optional, self.engine, contrastive, self.autocast, self.device, self.hard_negatives
         )
         self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)
         self.best.restore(self.state, self.run_dir)

@@ -1,5 +1,6 @@
 """The validation loss: the training loss (same loss settings) over held-out shards, data.val, every
-eval.val_every steps, logged as val_loss.
+eval.val_every steps, logged as val_loss. With data.negatives, the held-out samples' negatives are
+scored too, read from the same field as in training.
 
 The held-out set is read in one fixed order and cut into global batches of data.batch_size x processes,
 as training's global batch; each process decodes only its rows of each (`held_out_batches`), and the
@@ -30,6 +31,7 @@ from mmcl.data.shards import check_local_shards, expand_urls
 from mmcl.errors import ConfigError, DataError
 from mmcl.train.engine import Engine
 from mmcl.train.gradcache import float32
+from mmcl.train.negatives import HardNegatives
 
 VAL_LOSS = "val_loss"
 
@@ -77,11 +79,13 @@ class Validation:
         loss_fn: Callable[..., Dict[str, torch.Tensor]],
         autocast: torch.autocast,
         device: torch.device,
+        hard_negatives: Optional[HardNegatives] = None,
     ) -> None:
         self.urls, self.every, self.limit = cfg.data.val, cfg.eval.val_every, cfg.eval.val_batches
         self.batch_size, self.seed = cfg.data.batch_size, cfg.run.seed
         self.inputs, self.optional = inputs, optional
         self.engine, self.loss_fn, self.autocast, self.device = engine, loss_fn, autocast, device
+        self.hard_negatives = hard_negatives or HardNegatives([], 0)
 
     def __call__(self, step: int) -> Dict[str, float]:
         if not self.every or step % self.every:
@@ -114,6 +118,7 @@ class Validation:
             inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.inputs.items()}
             present = {m: batch.present[m].to(self.device) for m in self.optional}
             loss_fn = partial(self.loss_fn, present=present, seed=val_seed(self.seed, count))
+            inputs, loss_fn = self.hard_negatives.attach(inputs, batch.negatives, loss_fn)
             with self.autocast:
                 encoded = self.engine.forward(inputs)
             total += float(loss_fn(*float32(encoded))["loss"].double().item())

@@ -240,3 +240,49 @@ def test_two_process_zero3_runs_with_negatives_give_the_plain_backwards_steps(tm
     for plain, cached in zip(records["plain"], records["cached"], strict=True):
         assert cached["loss"] == pytest.approx(plain["loss"], rel=1e-5)
         assert cached["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+
+
+def test_the_validation_loss_scores_the_held_out_negatives(tmp_path, digit_pngs):
+    """val_loss over held-out shards with negative captions equals the float64 NegCLIP reference over the
+    same held-out batches, from the weights of the step that validated."""
+    from mmcl.checkpoint import state as checkpoints
+    from mmcl.data.decode import decode_image, decode_text
+    from mmcl.models import load_model
+    from mmcl.train.metrics_log import read_records
+
+    urls = write_digit_shards(tmp_path / "shards", digit_pngs)
+    settings = {
+        "run.output_dir": tmp_path,
+        "run.steps": 1,
+        "data.batch_size": 8,
+        "data.val": urls,
+        "eval.val_every": 1,
+        "data.negatives": "{text: neg.txt}",
+        "data.negatives_per_sample": PER_SAMPLE,
+    }
+    train(config_lib.load(None, tiny_overrides(urls, **{"run.name": "neg", **settings})))
+    (val_loss,) = [r["val_loss"] for r in read_records(tmp_path / "neg" / "metrics.jsonl") if "val_loss" in r]
+    run = tmp_path / "neg"
+    model = load_model(
+        config_lib.from_yaml((run / "config.yaml").read_text()).model,
+        checkpoints.load_weights(checkpoints.latest(run)),
+        torch.device("cpu"),
+    )
+    preprocess = model.preprocessors(train=False)
+    held_out = sorted((i, png, label) for i, (png, label) in enumerate(digit_pngs[:32]))
+    losses = []
+    for start in range(0, 32, 8):  # the held-out batches: the shards' samples in order, 8 at a time
+        rows = held_out[start : start + 8]
+        images = torch.stack([preprocess["image"](decode_image(png)) for _, png, _ in rows])
+        texts = torch.stack([preprocess["text"](decode_text(f"a handwritten {label}".encode())) for *_, label in rows])
+        wrong = [f"a handwritten {(label + k) % 10}" for *_, label in rows for k in (1, 5)]
+        with torch.no_grad():
+            image, text = model.encode("image", images), model.encode("text", texts)
+            text_negatives = model.encode("text", torch.stack([preprocess["text"](w) for w in wrong]))
+            scale, _ = model.similarity()
+        losses.append(infonce_reference(image, text, text_negatives.view(8, PER_SAMPLE, -1), scale))
+    assert val_loss == pytest.approx(math.fsum(losses) / 4, abs=2e-5)
+    # Without negatives the same held-out batches score lower: the negatives were counted.
+    train(config_lib.load(None, tiny_overrides(urls, **{"run.name": "plain", **settings, "data.negatives": "{}"})))
+    (plain,) = [r["val_loss"] for r in read_records(tmp_path / "plain" / "metrics.jsonl") if "val_loss" in r]
+    assert plain < val_loss - 1e-3
