@@ -98,12 +98,13 @@ def write_many_captions(out, digit_pngs):
     return brace_pattern(out, len(writer.sizes))
 
 
-def test_one_caption_is_drawn_per_read_and_a_resumed_stream_draws_alike(tmp_path, digit_pngs):
+@pytest.mark.parametrize("workers", [0, 1])  # in process (the RNG swapped in and out), or a seeded worker
+def test_one_caption_is_drawn_per_read_and_a_resumed_stream_draws_alike(tmp_path, digit_pngs, workers):
     urls = write_many_captions(tmp_path, digit_pngs)
     specs = caption_specs("one", fields=("txt",))
 
     def stream(start=(0, 0), seed=0):
-        return TrainStream(urls, specs, batch_size=4, workers=0, shuffle_buffer=0, seed=seed, start=start)
+        return TrainStream(urls, specs, batch_size=4, workers=workers, shuffle_buffer=0, seed=seed, start=start)
 
     run = drawn(stream(), 6)  # three epochs of two batches, the samples in shard order each epoch
     assert all(t.endswith(f"of {i % 4 + 4 * (b % 2)}") for b, batch in enumerate(run) for i, t in enumerate(batch))
