@@ -32,6 +32,7 @@ from mmcl.errors import ConfigError, DataError
 from mmcl.train.engine import Engine
 from mmcl.train.gradcache import float32
 from mmcl.train.negatives import HardNegatives
+from mmcl.train.views import Views
 
 VAL_LOSS = "val_loss"
 
@@ -79,12 +80,14 @@ class Validation:
         loss_fn: Callable[..., Dict[str, torch.Tensor]],
         autocast: torch.autocast,
         device: torch.device,
+        views: Optional[Views] = None,
         hard_negatives: Optional[HardNegatives] = None,
     ) -> None:
         self.urls, self.every, self.limit = cfg.data.val, cfg.eval.val_every, cfg.eval.val_batches
         self.batch_size, self.seed = cfg.data.batch_size, cfg.run.seed
         self.inputs, self.optional = inputs, optional
         self.engine, self.loss_fn, self.autocast, self.device = engine, loss_fn, autocast, device
+        self.views = views or Views({})  # K captions per sample, scored as in training
         self.hard_negatives = hard_negatives or HardNegatives([], 0)
 
     def __call__(self, step: int) -> Dict[str, float]:
@@ -102,6 +105,8 @@ class Validation:
         # training's random numbers is drawn (eval mode draws none; the forks make sure).
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             model.eval()
+            # Captions drawn per read (data.captions=one) are drawn alike by every validation.
+            torch.default_generator.manual_seed(val_seed(self.seed, -1))
             try:
                 total, count = self._sum_over_batches()
             finally:
@@ -117,7 +122,9 @@ class Validation:
         for batch in self._full_batches():
             inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.inputs.items()}
             present = {m: batch.present[m].to(self.device) for m in self.optional}
+            loss_fn: Callable[..., Dict[str, torch.Tensor]]
             loss_fn = partial(self.loss_fn, present=present, seed=val_seed(self.seed, count))
+            inputs, loss_fn = self.views.attach(inputs, loss_fn)  # (B, K, ...) -> B*K rows, (B, K, D) to the loss
             inputs, loss_fn = self.hard_negatives.attach(inputs, batch.negatives, loss_fn)
             with self.autocast:
                 encoded = self.engine.forward(inputs)
