@@ -111,8 +111,9 @@ def open_run_dir(cfg: Config) -> Tuple[Path, Optional[Path], str]:
 
 def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str], train: bool = True) -> Dict[str, InputSpec]:
     """What the stream must produce: one input per fed tower, read from the configured shard fields, with a
-    placeholder for each modality a sample may lack (`train`: the training preprocessing, else evaluation's)."""
-    preprocess = model.preprocessors(train=train)
+    placeholder for each modality a sample may lack (`train`: the training preprocessing with data.augment,
+    else evaluation's, never augmented)."""
+    preprocess = model.preprocessors(train, cfg.data.augment)
     optional = optional_modalities(cfg.data, fed)
     return {
         m: InputSpec(
