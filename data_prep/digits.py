@@ -1,6 +1,8 @@
 """The bundled real set: scikit-learn's 1,797 handwritten digits (8x8 scans) with captions.
 
-train/  shards of (png, txt): each training image several times, each time with another phrasing.
+train/  shards of (png, txt): each training image several times, each time with another phrasing; or,
+        with `captions_one_per_line`, each image once, its txt holding those phrasings one per line (for
+        data.captions one/all: one phrasing drawn per read, or all of them as positives).
 test/   held-out images (never in train/) with png, cls (label) and one txt caption, plus
         classnames.txt and zeroshot_classification_templates.txt: CLIP_benchmark's webdataset layout
         ({0..N}.tar and nshards.txt).
@@ -72,6 +74,7 @@ def prepare_digits(
     samples_per_shard: int = 1000,
     test_fraction: float = 0.2,
     seed: int = 0,
+    captions_one_per_line: bool = False,
 ) -> Dict[str, Any]:
     out_dir = Path(out_dir)
     digits, train_idx, test_idx = split_digits(test_fraction, seed)
@@ -82,9 +85,15 @@ def prepare_digits(
             label = int(digits.target[index])
             image = png_bytes(digits.images[index])
             first = rng.randrange(len(CAPTIONS))  # consecutive phrasings: all distinct up to len(CAPTIONS)
-            for k in range(captions_per_image):
-                text = CAPTIONS[(first + k) % len(CAPTIONS)].format(word=WORDS[label], digit=label)
-                train.write({"__key__": f"digit{index:04d}_{k}", "png": image, "txt": text})
+            texts = [
+                CAPTIONS[(first + k) % len(CAPTIONS)].format(word=WORDS[label], digit=label)
+                for k in range(captions_per_image)
+            ]
+            if captions_one_per_line:  # the same phrasings as the other layout, in one sample
+                train.write({"__key__": f"digit{index:04d}", "png": image, "txt": "\n".join(texts)})
+            else:
+                for k, text in enumerate(texts):
+                    train.write({"__key__": f"digit{index:04d}_{k}", "png": image, "txt": text})
         train.extra_stats = {"source": "sklearn.datasets.load_digits", "images": len(train_idx)}
 
     with ShardSetWriter(out_dir / "test", samples_per_shard, clip_benchmark_names=True) as test:

@@ -38,7 +38,12 @@ from mmcl.train.trainer import train
 def _prep(args: argparse.Namespace) -> None:
     if args.source == "digits":
         summary = prepare_digits(
-            args.out, args.captions_per_image or 4, args.samples_per_shard, args.test_fraction, args.seed
+            args.out,
+            args.captions_per_image or 4,
+            args.samples_per_shard,
+            args.test_fraction,
+            args.seed,
+            captions_one_per_line=args.captions_one_per_line,
         )
         print(
             f"digits: {summary['train_images']} training images ({sum(summary['train'].values())} samples, "
@@ -275,6 +280,12 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="digits (default 4), spoken-digits (default 2): training samples per image",
+    )
+    prep.add_argument(
+        "--captions-one-per-line",
+        action="store_true",
+        help="digits: one training sample per image, its --captions-per-image phrasings in txt one per line "
+        "(for data.captions one or all)",
     )
     prep.add_argument("--limit", type=int, default=0, help="openclipart: at most this many drawings (0: all)")
     prep.add_argument("--image-size", type=int, default=64, help="openclipart: rendered PNG size")

@@ -172,6 +172,17 @@ class DataConfig:
     # H, the negatives each sample contributes: the first H lines; a sample with fewer repeats its
     # lines in order up to H (a repeated negative counts twice in the loss).
     negatives_per_sample: int = at_least(1, 1)
+    # How the field of every tower that reads text is read. text: as it is, one caption (multi-line text
+    # is tokenised whole). one or all: the field holds several captions of the sample, one per line (as
+    # CLIP_benchmark's retrieval shards), or a JSON list of strings under a json key (json:captions);
+    # one: each read of the sample draws one caption, from the data's seeded RNG (a resumed run draws
+    # the same); all: the first data.captions_per_sample captions are K positives of the sample, embedded
+    # as B*K rows and scored as (B, K, D) by a loss taking several views (multi_positive). A sample with
+    # no caption (blank lines only, an empty list, not a list of strings) is skipped and counted.
+    captions: str = choice("text", "one", "all")
+    # K, the captions each sample contributes with data.captions=all: the first K; a sample with fewer
+    # repeats them in order up to K (a repeated caption counts twice), so every batch has the same shape.
+    captions_per_sample: int = at_least(1, 1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentations (default: none)
 
 

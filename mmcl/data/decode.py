@@ -10,7 +10,7 @@ from __future__ import annotations
 import io
 import json
 import warnings
-from typing import Callable, Dict, Mapping, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import soundfile
@@ -73,6 +73,19 @@ def decode_text(data: bytes) -> str:
     return text
 
 
+def caption_lines(text: str) -> List[str]:
+    """The captions of a text holding one per line (CLIP_benchmark's retrieval layout); blank lines are none."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def decode_captions(data: bytes) -> List[str]:
+    """A text field holding several captions of one sample, one per line: at least one, or SampleError."""
+    captions = caption_lines(decode_text(data))
+    if not captions:
+        raise SampleError("no caption (every line is blank)")
+    return captions
+
+
 def decode_label(data: bytes) -> int:
     text = decode_text(data)
     try:
@@ -86,6 +99,7 @@ DECODERS: Dict[str, Tuple[frozenset, Callable[[bytes], object]]] = {
     "audio": (AUDIO_EXTENSIONS, decode_audio),
     "text": (TEXT_EXTENSIONS, decode_text),
     "label": (TEXT_EXTENSIONS, decode_label),
+    "captions": (TEXT_EXTENSIONS, decode_captions),  # a list of strings: one per line, or a JSON list
 }
 
 
@@ -117,12 +131,32 @@ def _json_value(data: bytes, key: str) -> bytes:
     return str(value[key]).encode()
 
 
+def _json_captions(data: bytes, key: str) -> List[str]:
+    """The captions under `key` of a JSON object: a list of strings (COCO-style metadata), or one string
+    holding them one per line. An empty list, or one holding anything but strings, is SampleError."""
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise SampleError("json field is not valid JSON") from None
+    captions = value.get(key) if isinstance(value, dict) else None
+    if isinstance(captions, str):
+        captions = [captions]
+    if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+        raise SampleError(f"json field has no caption list (a list of strings) under {key!r}")
+    lines = [line for c in captions for line in caption_lines(c)]
+    if not lines:
+        raise SampleError(f"json field's caption list under {key!r} is empty")
+    return lines
+
+
 def decode_field(sample: Mapping[str, object], kind: str, fields: Sequence[str]) -> object:
     """Decode the first of `fields` present in `sample` as `kind`; SampleError if none is usable."""
     _, decoder = DECODERS[kind]
     for name in fields:
         field, _, key = name.partition(":")
         data = sample.get(field)
+        if data is not None and key and kind == "captions":
+            return _json_captions(data, key)  # type: ignore[arg-type]
         if data is not None:
             return decoder(_json_value(data, key) if key else data)  # type: ignore[arg-type]
     raise SampleError(f"no {kind} field (looked for {', '.join(fields)})")

@@ -51,6 +51,10 @@ class InputSpec:
     # preprocess returns (K, ...): K rows per sample, K varying (several captions of one image, in
     # evaluation); the batch holds every sample's rows concatenated and `Batch.counts` their K.
     ragged: bool = False
+    # preprocess returns (K, ...) with K = views for every sample (several captions of one sample, or K
+    # augmented views): the batch holds (B, K, ...), the step embeds B*K rows and the loss gets (B, K, D)
+    # (mmcl.train.views). The placeholder keeps one row's shape; a sample lacking the modality repeats it.
+    views: int = 1
     # The modality whose explicit hard negatives this input holds ((H, ...) per sample): the batch carries
     # it in `Batch.negatives`, apart from the inputs. "": an input of its own.
     negatives_of: str = ""
@@ -59,6 +63,8 @@ class InputSpec:
         check_fields(self.kind, self.fields)
         if self.ragged and self.placeholder is not None:
             raise ValueError("a ragged input cannot have a placeholder")
+        if self.views < 1 or (self.views > 1 and (self.ragged or self.negatives_of)):
+            raise ValueError("views: at least 1, and a ragged input or negatives have one view per sample")
 
 
 def check_data_config(cfg: DataConfig, kinds: Mapping[str, str], frozen: Sequence[str] = (), key: str = "data") -> None:
@@ -188,8 +194,11 @@ def _collate(items: List[tuple], inputs: Dict[str, InputSpec], skipped: int) -> 
             present[modality] = torch.ones(len(rows), dtype=torch.bool)
             continue
         present[modality] = torch.tensor([row is not None for row in rows])  # (B,) bool
-        filled = [row if row is not None else spec.placeholder for row in rows]  # a None row has a placeholder
-        batch_inputs[modality] = torch.stack(filled)  # type: ignore[arg-type]  # (B, ...)
+        placeholder = spec.placeholder
+        if placeholder is not None and spec.views > 1:
+            placeholder = placeholder.expand(spec.views, *placeholder.shape)  # (...) -> (K, ...)
+        filled = [row if row is not None else placeholder for row in rows]  # a None row has a placeholder
+        batch_inputs[modality] = torch.stack(filled)  # type: ignore[arg-type]  # (B, ...), or (B, K, ...) for views
     keys = [where for where, _, _ in items]
     sources = [source for _, source, _ in items]
     return Batch(batch_inputs, keys, skipped, present, counts, sources, negatives)

@@ -66,6 +66,7 @@ class ContrastiveLoss(nn.Module):
     takes_missing = True  # whether a pair can be scored over a subset of the batch (see `present`)
     same_modality_negatives = False  # whether `loss.same_modality_negatives` is offered
     takes_negatives = False  # whether explicit hard negatives (`negatives`, data.negatives) are scored
+    takes_views = False  # whether (B, K, D) embeddings, K views or captions per sample, are scored
 
     def __init__(self, cfg: LossConfig) -> None:
         super().__init__()

@@ -31,6 +31,7 @@ def _flat_with_ids(embeddings: torch.Tensor, sample_ids: torch.Tensor) -> Tuple[
 @LOSSES.register("multi_positive")
 class MultiPositive(ContrastiveLoss):
     takes_negatives = True
+    takes_views = True
 
     def pair_loss(self, pair: PairInputs) -> torch.Tensor:
         # Sample ids: a local sample's id is its position among the global rows.

@@ -70,7 +70,7 @@ class GradCache:
 
     def micro_steps(self, modalities: List[str], batch_size: int, extra_rows: Mapping[str, int] = {}) -> int:
         """Backward calls per step: the first chunks of all trained towers together, then one per chunk.
-        `extra_rows`: modality -> rows its tower embeds beyond the batch's (hard negatives)."""
+        `extra_rows`: modality -> rows its tower embeds beyond the batch's (hard negatives, extra views)."""
         trained = [m for m in modalities if m not in self.frozen]
         rows = {m: batch_size + extra_rows.get(m, 0) for m in trained}
         return 1 + sum(math.ceil(rows[m] / self.chunk_sizes.get(m, rows[m])) - 1 for m in trained)

@@ -1,9 +1,10 @@
 """Explicit hard negatives through a step: embedded by their modality's tower, handed to the loss.
 
-The B x H negative rows of a modality are appended to its B inputs, so the towers embed them in the
-same forward (and the gradient cache chunks, caches and replays them, RNG states included, like any
-other row); a wrapper around the loss function splits the embeddings back into the (B, D) positives
-and the (B, H, D) negatives just before the loss. Nothing else in the step knows about them.
+The B x H negative rows of a modality are appended to its B inputs (or B*K rows of K views), so the
+towers embed them in the same forward (and the gradient cache chunks, caches and replays them, RNG
+states included, like any other row); a wrapper around the loss function splits the embeddings back
+into the positives and the (B, H, D) negatives just before the loss. Nothing else in the step knows
+about them.
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ def check_negatives(cfg: Config, kinds: Mapping[str, str]) -> None:
         )
 
 
-def split_negatives(embeddings: Tensors, negative_modalities: Sequence[str], per_sample: int) -> Tuple[Dict, Dict]:
-    """(modality -> (B, D) positives, modality -> (B, H, D) negatives) from embeddings whose negative
-    modalities hold B + B*H rows: the positives first, then each sample's H negatives in turn."""
+def split_negatives(
+    embeddings: Tensors, positive_rows: Mapping[str, int], per_sample: int
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+    """(modality -> positives, modality -> (B, H, D) negatives) from embeddings whose modalities in
+    `positive_rows` hold that many positive rows (B, or B*K with K views per sample) followed by each
+    sample's H negatives in turn."""
     positives, negatives = dict(embeddings), {}
-    for m in negative_modalities:
+    for m, count in positive_rows.items():
         rows = embeddings[m]
-        batch = rows.shape[0] // (1 + per_sample)
-        positives[m] = rows[:batch]  # (B, D)
-        negatives[m] = rows[batch:].reshape(batch, per_sample, *rows.shape[1:])  # (B*H, D) -> (B, H, D)
+        positives[m] = rows[:count]  # (B, D), or (B*K, D)
+        negatives[m] = rows[count:].reshape(-1, per_sample, *rows.shape[1:])  # (B*H, D) -> (B, H, D)
     return positives, negatives
 
 
@@ -63,6 +66,7 @@ class HardNegatives:
         if not self.modalities:
             return dict(inputs), loss_fn
         extended = dict(inputs)
+        positive_rows = {m: inputs[m].shape[0] for m in self.modalities}  # B, or B*K rows of K views
         for m in self.modalities:
             rows = negatives[m].to(inputs[m].device, non_blocking=True).flatten(0, 1)  # (B, H, ...) -> (B*H, ...)
             extended[m] = torch.cat([inputs[m], rows])  # (B + B*H, ...)
@@ -70,7 +74,7 @@ class HardNegatives:
         def with_negatives(
             embeddings: Tensors, logit_scale: torch.Tensor, logit_bias: Optional[torch.Tensor] = None
         ) -> Dict[str, torch.Tensor]:
-            positives, hard = split_negatives(embeddings, self.modalities, self.per_sample)
+            positives, hard = split_negatives(embeddings, positive_rows, self.per_sample)
             return loss_fn(positives, logit_scale, logit_bias, negatives=hard)
 
         return extended, with_negatives

@@ -24,6 +24,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.init_from import load_initial_weights
 from mmcl.config import Config, RunConfig, parse_fields
 from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
+from mmcl.data.captions import caption_inputs, caption_views
 from mmcl.data.negatives import negative_inputs
 from mmcl.data.sources import build_mixing, held_modalities, optional_modalities, training_sources
 from mmcl.eval.datasets import check_dataset
@@ -46,10 +47,16 @@ from mmcl.train.step import train_step
 from mmcl.train.teacher import build_teacher, check_teacher
 from mmcl.train.trackers import check_trackers
 from mmcl.train.validation import Validation, check_validation_config
+from mmcl.train.views import Views, added_rows, check_views
 
 log = logging.getLogger("mmcl.train")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def fed_kinds(cfg: Config, fed: List[str]) -> Dict[str, str]:
+    """Each fed tower's modality -> what it reads (image, text, audio)."""
+    return {m: TOWERS.get(cfg.model.towers[m].type).input_kind for m in fed}
 
 
 def check_config(cfg: Config) -> None:
@@ -61,7 +68,8 @@ def check_config(cfg: Config) -> None:
     fed = held_modalities(cfg.data, list(cfg.model.towers))
     check_loss_config(cfg.loss, fed, optional_modalities(cfg.data, fed))
     check_teacher(cfg.loss, cfg.model, optional_modalities(cfg.data, fed))
-    check_negatives(cfg, {m: TOWERS.get(cfg.model.towers[m].type).input_kind for m in fed})
+    check_negatives(cfg, fed_kinds(cfg, fed))
+    check_views(cfg, fed_kinds(cfg, fed))
     check_engine_config(cfg.engine, fed, cfg.data.batch_size)
     check_trackers(cfg.run)
     check_probe_config(cfg.eval.linear_probe)
@@ -112,10 +120,10 @@ def open_run_dir(cfg: Config) -> Tuple[Path, Optional[Path], str]:
 def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str], train: bool = True) -> Dict[str, InputSpec]:
     """What the stream must produce: one input per fed tower, read from the configured shard fields, with a
     placeholder for each modality a sample may lack (`train`: the training preprocessing with data.augment,
-    else evaluation's, never augmented)."""
+    else evaluation's, never augmented), text read as data.captions says."""
     preprocess = model.preprocessors(train, cfg.data.augment)
     optional = optional_modalities(cfg.data, fed)
-    return {
+    inputs = {
         m: InputSpec(
             model.tower(m).input_kind,
             parse_fields(cfg.data.fields[m]),
@@ -124,6 +132,7 @@ def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str], train: bool 
         )
         for m in fed
     }
+    return caption_inputs(cfg.data, inputs)
 
 
 def step_seed(run: RunConfig, step: int) -> int:
@@ -140,6 +149,7 @@ class Trainer:
         dist.init_from_env(self.device)
         self.run_dir, resume_from, self.config_yaml = open_run_dir(cfg)
         self.hard_negatives = HardNegatives(list(cfg.data.negatives), cfg.data.negatives_per_sample)
+        self.views = Views(caption_views(cfg.data, fed_kinds(cfg, self.fed)))  # K captions per sample
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         random.seed(cfg.run.seed)
         self.engine = self._build_engine(initialise=resume_from is None)
@@ -170,7 +180,7 @@ class Trainer:
         val_inputs = stream_inputs(self.engine.model, cfg, self.fed, train=False) if cfg.data.val else {}
         # Validation scores the contrastive loss alone: a distillation term would need the teacher there too.
         self.validation = Validation(
-            cfg, val_inputs, self.optional, self.engine, contrastive, self.autocast, self.device
+            cfg, val_inputs, self.optional, self.engine, contrastive, self.autocast, self.device, self.views
         )
         self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)
         self.best.restore(self.state, self.run_dir)
@@ -201,7 +211,8 @@ class Trainer:
             compile_towers(model)
         self.backward = build_backward(cfg.engine.grad_cache, [m for m in self.fed if not model.trains(m)])
         batch = cfg.data.batch_size
-        extra_rows = self.hard_negatives.extra_rows(batch)  # the negatives' rows, embedded with the positives
+        # The negatives' rows and the views' beyond the first, embedded with the batch's rows.
+        extra_rows = added_rows(self.hard_negatives.extra_rows(batch), self.views.extra_rows(batch))
         shape = StepShape(cfg.run.steps, batch, micro_steps(self.backward, self.fed, batch, extra_rows))
         return build_engine(model.to(self.device), cfg.engine, cfg.optim, shape, self.device)
 
@@ -240,7 +251,8 @@ class Trainer:
         loss_fn: LossFn = partial(
             self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step), **teacher
         )
-        inputs, loss_fn = self.hard_negatives.attach(inputs, batch.negatives, loss_fn)
+        inputs, loss_fn = self.views.attach(inputs, loss_fn)  # (B, K, ...) -> B*K rows; first, so that
+        inputs, loss_fn = self.hard_negatives.attach(inputs, batch.negatives, loss_fn)  # negatives follow them
         metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
         self.state.advance(batch, metrics)
         if self.ema is not None:

@@ -30,6 +30,7 @@ from mmcl.data.shards import check_local_shards, expand_urls
 from mmcl.errors import ConfigError, DataError
 from mmcl.train.engine import Engine
 from mmcl.train.gradcache import float32
+from mmcl.train.views import Views
 
 VAL_LOSS = "val_loss"
 
@@ -77,11 +78,13 @@ class Validation:
         loss_fn: Callable[..., Dict[str, torch.Tensor]],
         autocast: torch.autocast,
         device: torch.device,
+        views: Optional[Views] = None,
     ) -> None:
         self.urls, self.every, self.limit = cfg.data.val, cfg.eval.val_every, cfg.eval.val_batches
         self.batch_size, self.seed = cfg.data.batch_size, cfg.run.seed
         self.inputs, self.optional = inputs, optional
         self.engine, self.loss_fn, self.autocast, self.device = engine, loss_fn, autocast, device
+        self.views = views or Views({})  # K captions per sample, scored as in training
 
     def __call__(self, step: int) -> Dict[str, float]:
         if not self.every or step % self.every:
@@ -98,6 +101,9 @@ class Validation:
         # training's random numbers is drawn (eval mode draws none; the forks make sure).
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             model.eval()
+            torch.default_generator.manual_seed(
+                val_seed(self.seed, -1)
+            )  # data.captions=one: each validation draws alike
             try:
                 total, count = self._sum_over_batches()
             finally:
@@ -113,7 +119,9 @@ class Validation:
         for batch in self._full_batches():
             inputs = {m: x.to(self.device, non_blocking=True) for m, x in batch.inputs.items()}
             present = {m: batch.present[m].to(self.device) for m in self.optional}
+            loss_fn: Callable[..., Dict[str, torch.Tensor]]
             loss_fn = partial(self.loss_fn, present=present, seed=val_seed(self.seed, count))
+            inputs, loss_fn = self.views.attach(inputs, loss_fn)  # (B, K, ...) -> B*K rows, (B, K, D) to the loss
             with self.autocast:
                 encoded = self.engine.forward(inputs)
             total += float(loss_fn(*float32(encoded))["loss"].double().item())
