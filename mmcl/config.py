@@ -184,6 +184,11 @@ class DataConfig:
     # repeats them in order up to K (a repeated caption counts twice), so every batch has the same shape.
     captions_per_sample: int = at_least(1, 1)
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentations (default: none)
+    # Augmented views: modality -> K, the views of each sample's image (or audio clip) in training, each an
+    # independent draw of its training preprocessing (data.augment), embedded as B*K rows and scored as
+    # (B, K, D) by a loss taking several views (multi_positive). Validation and evaluation read one view,
+    # never augmented. {}: one view each.
+    views: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass

@@ -11,13 +11,19 @@ draws exactly what open_clip's training transform draws.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Tuple
+from dataclasses import replace
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 from open_clip.transform import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD, MaybeConvertMode, MaybeToTensor
 from torchvision.transforms import InterpolationMode, v2
 
-from mmcl.config import AudioAugmentConfig, ImageAugmentConfig
+from mmcl.config import AudioAugmentConfig, DataConfig, ImageAugmentConfig
+from mmcl.data.pipeline import InputSpec
+from mmcl.errors import ConfigError
+
+# The input kinds whose training preprocessing draws at random, so that K views of a sample differ.
+VIEW_KINDS = ("image", "audio")
 
 
 def image_train_transform(
@@ -103,3 +109,38 @@ class SpectrogramMasks:
                 start = int(torch.randint(0, size - width + 1, ()))
                 out.narrow(dim, start, width).zero_()
         return out
+
+
+class AugmentedViews:
+    """Picklable: a decoded value -> (K, ...), K independent draws of the training preprocessing."""
+
+    def __init__(self, preprocess: Callable[[Any], torch.Tensor], views: int) -> None:
+        self.preprocess, self.views = preprocess, views
+
+    def __call__(self, value: Any) -> torch.Tensor:
+        return torch.stack([self.preprocess(value) for _ in range(self.views)])  # K x (...) -> (K, ...)
+
+
+def view_inputs(cfg: DataConfig, inputs: Mapping[str, InputSpec]) -> Dict[str, InputSpec]:
+    """The training stream's inputs with each modality of data.views read as K augmented views."""
+    out = dict(inputs)
+    for modality, k in cfg.views.items():
+        if k > 1:
+            spec = inputs[modality]
+            out[modality] = replace(spec, preprocess=AugmentedViews(spec.preprocess, k), views=k)
+    return out
+
+
+def check_views_config(cfg: DataConfig, kinds: Mapping[str, str], key: str = "data.views") -> None:
+    """A ConfigError naming the key for views of a modality no fed tower has, or whose preprocessing draws
+    nothing at random (`kinds`: each fed tower's modality -> what it reads)."""
+    for modality, k in cfg.views.items():
+        if modality not in kinds:
+            raise ConfigError(f"config key '{key}.{modality}': not a fed tower ({', '.join(sorted(kinds))})")
+        if kinds[modality] not in VIEW_KINDS:
+            raise ConfigError(
+                f"config key '{key}.{modality}': its tower reads {kinds[modality]}, which is not augmented "
+                f"(views of: {', '.join(VIEW_KINDS)}; several captions: data.captions=all)"
+            )
+        if k < 1:
+            raise ConfigError(f"config key '{key}.{modality}': must be at least 1, got {k}")
