@@ -255,8 +255,9 @@ class Trainer:
         loss_fn: LossFn = partial(
             self.loss_fn, present=present, seed=step_seed(self.cfg.run, self.state.step), **teacher
         )
-        inputs, loss_fn = self.views.attach(inputs, loss_fn)  # (B, K, ...) -> B*K rows; first, so that
-        inputs, loss_fn = self.hard_negatives.attach(inputs, batch.negatives, loss_fn)  # negatives follow them
+        # K views per sample become B*K rows first, so that the negatives' rows follow them.
+        inputs, loss_fn = self.views.attach(inputs, loss_fn)
+        inputs, loss_fn = self.hard_negatives.attach(inputs, batch.negatives, loss_fn)
         metrics = train_step(self.engine, loss_fn, self.backward, inputs, self.autocast)
         self.state.advance(batch, metrics)
         if self.ema is not None:

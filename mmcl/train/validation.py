@@ -101,9 +101,8 @@ class Validation:
         # training's random numbers is drawn (eval mode draws none; the forks make sure).
         with torch.random.fork_rng(devices=cuda), torch.no_grad():
             model.eval()
-            torch.default_generator.manual_seed(
-                val_seed(self.seed, -1)
-            )  # data.captions=one: each validation draws alike
+            # Captions drawn per read (data.captions=one) are drawn alike by every validation.
+            torch.default_generator.manual_seed(val_seed(self.seed, -1))
             try:
                 total, count = self._sum_over_batches()
             finally:
