@@ -43,6 +43,16 @@ def fraction(default: float, below_one: bool = False) -> Any:
     return field(default=default, metadata={"minimum": 0.0, "maximum": 1.0, "below_maximum": below_one})
 
 
+def between(default: float, minimum: float, maximum: float) -> Any:
+    """A number in [minimum, maximum]."""
+    return field(default=default, metadata={"minimum": minimum, "maximum": maximum, "below_maximum": False})
+
+
+def span(default: List[float], low: float = -math.inf, high: float = math.inf, above_low: bool = False) -> Any:
+    """A range [a, b] written as a list of two numbers, low <= a <= b <= high (low < a with `above_low`)."""
+    return field(default_factory=lambda: list(default), metadata={"span": (low, high, above_low)})
+
+
 @dataclass
 class RunConfig:
     name: str = "run"
@@ -78,6 +88,55 @@ class SourceConfig:
     # The modalities its samples hold ([audio, text]); empty: every tower's. A batch fills the others of
     # its samples with placeholders, left out of the loss.
     modalities: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ImageAugmentConfig:
+    """SimCLR's image augmentations, applied in this order to training images only (torchvision's
+    transforms.v2). The defaults are open_clip's training transform: a random resized crop of 90-100% of
+    the image, nothing else. SimCLR's ImageNet policy: crop_scale [0.08, 1], flip_p 0.5, color_jitter_p
+    0.8 at strength 1, grayscale_p 0.2, blur_p 0.5."""
+
+    # The random resized crop's area, as fractions of the image's area, in (0, 1] (aspect ratio 3/4-4/3).
+    crop_scale: List[float] = span([0.9, 1.0], 0.0, 1.0, above_low=True)
+    flip_p: float = fraction(0.0)  # probability of a horizontal flip
+    # Colour jitter with probability color_jitter_p, SimCLR's strength s: brightness, contrast and
+    # saturation factors drawn from [1 - 0.8 s, 1 + 0.8 s], hue shifted by up to 0.2 s (at most 0.5: s <= 2.5).
+    color_jitter_p: float = fraction(0.0)
+    color_jitter_strength: float = between(1.0, 0.0, 2.5)
+    grayscale_p: float = fraction(0.0)  # probability of a grayscale image (its three channels equal)
+    # Gaussian blur with probability blur_p, sigma drawn from blur_sigma (pixels); the kernel is 10% of the
+    # image's side, made odd (SimCLR's).
+    blur_p: float = fraction(0.0)
+    blur_sigma: List[float] = span([0.1, 2.0], 0.0, above_low=True)
+
+
+@dataclass
+class AudioAugmentConfig:
+    """Audio augmentations for training clips only: gain and time shift on the waveform (after the crop to
+    the tower's clip length), SpecAugment's masks on the tower's standardised log-mel spectrogram.
+    The defaults change nothing."""
+
+    # A gain drawn uniformly from this range (dB) multiplies the clip. The audio tower standardises each
+    # clip's log-mel, which undoes a gain except near silence (its log floor): it matters little there.
+    gain_db: List[float] = span([0.0, 0.0])
+    # A shift of the clip in time by up to this fraction of its length, either way (drawn uniformly).
+    time_shift: float = fraction(0.0)
+    time_shift_mode: str = choice("circular", "zero")  # circular: what leaves one end enters the other; zero: silence
+    # SpecAugment: this many masks, each of a width drawn from 0..max frames (time) or mel bands (frequency)
+    # at a random place, set to 0 (the standardised spectrogram's mean).
+    time_masks: int = at_least(0, 0)
+    time_mask_max_width: int = at_least(0, 0)
+    freq_masks: int = at_least(0, 0)
+    freq_mask_max_width: int = at_least(0, 0)
+
+
+@dataclass
+class AugmentConfig:
+    """Training augmentations by input kind; evaluation and the validation loss are never augmented."""
+
+    image: ImageAugmentConfig = field(default_factory=ImageAugmentConfig)
+    audio: AudioAugmentConfig = field(default_factory=AudioAugmentConfig)
 
 
 @dataclass
@@ -124,6 +183,12 @@ class DataConfig:
     # K, the captions each sample contributes with data.captions=all: the first K; a sample with fewer
     # repeats them in order up to K (a repeated caption counts twice), so every batch has the same shape.
     captions_per_sample: int = at_least(1, 1)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # training augmentations (default: none)
+    # Augmented views: modality -> K, the views of each sample's image (or audio clip) in training, each an
+    # independent draw of its training preprocessing (data.augment), embedded as B*K rows and scored as
+    # (B, K, D) by a loss taking several views (multi_positive). Validation and evaluation read one view,
+    # never augmented. {}: one view each.
+    views: Dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -352,6 +417,8 @@ def check_values(node: Any, prefix: str = "") -> None:
             )
         elif isinstance(value, float) and math.isnan(value) and {"minimum", "maximum"} & set(spec.metadata):
             raise ConfigError(f"config key {key!r}: must be a number, got nan")
+        elif "span" in spec.metadata:
+            check_span(key, value, *spec.metadata["span"])
         elif "minimum" in spec.metadata and value < spec.metadata["minimum"]:
             raise ConfigError(f"config key {key!r}: must be at least {spec.metadata['minimum']}, got {value}")
         elif "maximum" in spec.metadata and (
@@ -359,6 +426,14 @@ def check_values(node: Any, prefix: str = "") -> None:
         ):
             bound = "below" if spec.metadata["below_maximum"] else "at most"
             raise ConfigError(f"config key {key!r}: must be {bound} {spec.metadata['maximum']}, got {value}")
+
+
+def check_span(key: str, value: List[float], low: float, high: float, above_low: bool) -> None:
+    if len(value) != 2 or any(math.isnan(end) for end in value) or value[0] > value[1]:
+        raise ConfigError(f"config key {key!r}: a range [low, high] of two numbers in order, got {value}")
+    if value[0] < low or (above_low and value[0] == low) or value[1] > high:
+        lower = "(" if above_low else "["
+        raise ConfigError(f"config key {key!r}: {value} is not within {lower}{low}, {high}]")
 
 
 def explicit_keys(path: Optional[str | Path], overrides: Sequence[str]) -> List[str]:

@@ -14,8 +14,9 @@ import torch
 from open_clip.transformer import LayerNorm, Transformer
 from torch import nn
 
-from mmcl.config import TowerConfig
+from mmcl.config import AudioAugmentConfig, TowerConfig
 from mmcl.data.audio import LogMel, MelSettings, crop_or_pad, resample
+from mmcl.data.augment import SpectrogramMasks, WaveformAugment
 from mmcl.data.decode import Waveform
 from mmcl.errors import ConfigError
 from mmcl.models.towers import TOWERS, Tower, merged_settings, transformer_depth
@@ -51,11 +52,14 @@ AUDIO_PRESETS: Dict[str, Dict[str, Any]] = {
 
 
 class AudioPreprocess:
-    """Picklable (for data-loader workers): decoded waveform -> normalised log-mel (n_mels, frames)."""
+    """Picklable (for data-loader workers): decoded waveform -> normalised log-mel (n_mels, frames). In
+    training, `augment`'s gain and time shift act on the cropped clip and its masks on the log-mel."""
 
-    def __init__(self, settings: AudioSettings, train: bool) -> None:
+    def __init__(self, settings: AudioSettings, train: bool, augment: Optional[AudioAugmentConfig] = None) -> None:
         self.settings, self.train = settings, train
         self.log_mel = LogMel(settings)
+        policy = augment if train and augment is not None else AudioAugmentConfig()  # the default changes nothing
+        self.waveform_augment, self.masks = WaveformAugment(policy), SpectrogramMasks(policy)
 
     def __call__(self, waveform: Waveform) -> torch.Tensor:
         samples, rate = waveform
@@ -64,9 +68,9 @@ class AudioPreprocess:
             self.settings.clip_samples,
             self.train,
         )
-        spectrogram = self.log_mel(clip)  # (n_mels, frames)
+        spectrogram = self.log_mel(self.waveform_augment(clip))  # (n_mels, frames)
         # Per-clip standardisation: loudness and recording gain should not matter to the embedding.
-        return (spectrogram - spectrogram.mean()) / (spectrogram.std() + 1e-5)
+        return self.masks((spectrogram - spectrogram.mean()) / (spectrogram.std() + 1e-5))
 
 
 @TOWERS.register("audio_spectrogram")
@@ -138,8 +142,8 @@ class AudioSpectrogramTower(Tower):
         x = self.transformer(self.ln_pre(x))
         return self.ln_post(x[:, 0]) @ self.proj  # (B, W) x (W, embed_dim)
 
-    def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
-        return AudioPreprocess(self.audio_settings, train)
+    def preprocess(self, train: bool, augment: Optional[AudioAugmentConfig] = None) -> Callable[[Any], torch.Tensor]:
+        return AudioPreprocess(self.audio_settings, train, augment)
 
     def placeholder(self) -> torch.Tensor:
         return torch.zeros(self.audio_settings.n_mels, self.audio_settings.frames)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmcl.config import ModelConfig, TowerConfig
+from mmcl.config import AugmentConfig, ModelConfig, TowerConfig
 from mmcl.errors import ConfigError
 from mmcl.models.towers import TOWERS, Tower
 from mmcl.models.tuning import check_tuning, frozen_steps
@@ -77,8 +77,10 @@ class MultiEncoder(nn.Module):
         embeddings = {m: self.encode(m, x) for m, x in inputs.items() if m in self.towers}
         return Encoded(embeddings, *self.similarity())
 
-    def preprocessors(self, train: bool) -> Dict[str, Callable]:
-        return {m: self.tower(m).preprocess(train) for m in self.modalities}
+    def preprocessors(self, train: bool, augment: Optional[AugmentConfig] = None) -> Dict[str, Callable]:
+        """Each tower's preprocessing; in training with `augment`'s policy for the tower's input kind."""
+        policies = {"image": augment.image, "audio": augment.audio} if train and augment is not None else {}
+        return {m: self.tower(m).preprocess(train, policies.get(self.tower(m).input_kind)) for m in self.modalities}
 
     def tower(self, modality: str) -> Tower:
         return self.towers[modality]  # type: ignore[return-value]

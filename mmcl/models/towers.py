@@ -25,7 +25,8 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transform import image_transform
 from torch import nn
 
-from mmcl.config import TowerConfig
+from mmcl.config import ImageAugmentConfig, TowerConfig
+from mmcl.data.augment import image_train_transform
 from mmcl.errors import ConfigError
 from mmcl.registry import Registry
 
@@ -38,7 +39,9 @@ TOWERS: Registry[Type["Tower"]] = Registry("tower")
 class Tower(nn.Module):
     input_kind: str  # decoder used for this tower's shard field: "image" | "text" | "audio"
 
-    def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
+    def preprocess(self, train: bool, augment: Any = None) -> Callable[[Any], torch.Tensor]:
+        """A decoded value -> the tower's input. `augment`: the training augmentation policy of the tower's
+        input kind (data.augment.image, .audio), or None for the default; evaluation never augments."""
         raise NotImplementedError
 
     def placeholder(self) -> torch.Tensor:
@@ -202,8 +205,10 @@ class OpenClipVisionTower(OpenClipTower):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)  # (B, 3, H, W) -> (B, embed_dim)
 
-    def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
-        return image_transform(self.vision_cfg.image_size, is_train=train)
+    def preprocess(self, train: bool, augment: Optional[ImageAugmentConfig] = None) -> Callable[[Any], torch.Tensor]:
+        if not train:
+            return image_transform(self.vision_cfg.image_size, is_train=False)
+        return image_train_transform(self.vision_cfg.image_size, augment or ImageAugmentConfig())
 
     def placeholder(self) -> torch.Tensor:
         size = self.vision_cfg.image_size
@@ -248,7 +253,7 @@ class OpenClipTextTower(OpenClipTower):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.encoder(tokens)  # (B, L) -> (B, embed_dim)
 
-    def preprocess(self, train: bool) -> Callable[[Any], torch.Tensor]:
+    def preprocess(self, train: bool, augment: Any = None) -> Callable[[Any], torch.Tensor]:
         return _Tokenize(self.text_cfg.context_length)
 
     def placeholder(self) -> torch.Tensor:

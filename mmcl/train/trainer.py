@@ -24,6 +24,7 @@ from mmcl.checkpoint import state as checkpoints
 from mmcl.checkpoint.init_from import load_initial_weights
 from mmcl.config import Config, RunConfig, parse_fields
 from mmcl.data import Batch, InputSpec, TrainStream, check_data_config
+from mmcl.data.augment import view_inputs
 from mmcl.data.captions import caption_inputs, caption_views
 from mmcl.data.negatives import negative_inputs
 from mmcl.data.sources import build_mixing, held_modalities, optional_modalities, training_sources
@@ -119,9 +120,9 @@ def open_run_dir(cfg: Config) -> Tuple[Path, Optional[Path], str]:
 
 def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str], train: bool = True) -> Dict[str, InputSpec]:
     """What the stream must produce: one input per fed tower, read from the configured shard fields, with a
-    placeholder for each modality a sample may lack (`train`: the training preprocessing, else evaluation's),
-    text read as data.captions says."""
-    preprocess = model.preprocessors(train=train)
+    placeholder for each modality a sample may lack (`train`: the training preprocessing with data.augment,
+    else evaluation's, never augmented), text read as data.captions says."""
+    preprocess = model.preprocessors(train, cfg.data.augment)
     optional = optional_modalities(cfg.data, fed)
     inputs = {
         m: InputSpec(
@@ -132,7 +133,8 @@ def stream_inputs(model: MultiEncoder, cfg: Config, fed: List[str], train: bool 
         )
         for m in fed
     }
-    return caption_inputs(cfg.data, inputs)
+    inputs = caption_inputs(cfg.data, inputs)
+    return view_inputs(cfg.data, inputs) if train else inputs  # K augmented views: training only
 
 
 def step_seed(run: RunConfig, step: int) -> int:
@@ -149,7 +151,8 @@ class Trainer:
         dist.init_from_env(self.device)
         self.run_dir, resume_from, self.config_yaml = open_run_dir(cfg)
         self.hard_negatives = HardNegatives(list(cfg.data.negatives), cfg.data.negatives_per_sample)
-        self.views = Views(caption_views(cfg.data, fed_kinds(cfg, self.fed)))  # K captions per sample
+        captions = caption_views(cfg.data, fed_kinds(cfg, self.fed))  # K captions per sample
+        self.views = Views({**captions, **cfg.data.views})  # and K augmented views
         torch.manual_seed(cfg.run.seed)  # identical initial weights on every process
         random.seed(cfg.run.seed)
         self.engine = self._build_engine(initialise=resume_from is None)
@@ -185,7 +188,8 @@ class Trainer:
             if cfg.data.val
             else {}
         )
-        # Validation scores the contrastive loss alone: a distillation term would need the teacher there too.
+        # Validation scores the contrastive loss alone: a distillation term would need the teacher there too;
+        # it reads one unaugmented view of each sample, and K captions and the negatives as training does.
         self.validation = Validation(
             cfg,
             val_inputs,
@@ -194,7 +198,7 @@ class Trainer:
             contrastive,
             self.autocast,
             self.device,
-            self.views,
+            Views(captions),
             self.hard_negatives,
         )
         self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)

@@ -1,4 +1,4 @@
-"""K rows per sample through a step: K captions (data.captions=all) today, K augmented views alike.
+"""K rows per sample through a step: K captions (data.captions=all), K augmented views (data.views).
 
 A modality fed K views per sample arrives as (B, K, ...). Its rows are flattened to (B*K, ...) before
 the towers, so the towers embed them as any rows (and the gradient cache chunks, caches and replays
@@ -14,6 +14,7 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import torch
 
 from mmcl.config import Config
+from mmcl.data.augment import check_views_config
 from mmcl.data.captions import check_captions_config
 from mmcl.errors import ConfigError
 from mmcl.losses import LOSSES
@@ -26,6 +27,8 @@ def check_views(cfg: Config, kinds: Mapping[str, str]) -> None:
     """A ConfigError naming the key for captions the towers cannot read (`kinds`: each fed tower's
     modality -> what it reads), or K captions per sample the loss cannot score."""
     check_captions_config(cfg.data, kinds)
+    check_views_config(cfg.data, kinds)
+    check_augmented_views(cfg)
     if cfg.data.captions != "all":
         return
     if not LOSSES.get(cfg.loss.name).takes_views:
@@ -36,6 +39,21 @@ def check_views(cfg: Config, kinds: Mapping[str, str]) -> None:
         )
     if cfg.loss.distill_from:  # the teacher embeds the batch's inputs as they come, one row per sample
         raise ConfigError("config key 'data.captions': 'all' cannot be combined with loss.distill_from")
+
+
+def check_augmented_views(cfg: Config) -> None:
+    """data.views of more than one view need a loss that scores them, and no teacher."""
+    several = {m: k for m, k in cfg.data.views.items() if k > 1}
+    if not several:
+        return
+    if not LOSSES.get(cfg.loss.name).takes_views:
+        takers = sorted(name for name in LOSSES.names() if LOSSES.get(name).takes_views)
+        raise ConfigError(
+            f"config key 'data.views': {several} makes several positive views per sample, but loss "
+            f"{cfg.loss.name!r} (loss.name) takes one; these take several: {', '.join(takers)}"
+        )
+    if cfg.loss.distill_from:  # the teacher embeds the batch's inputs as they come, one row per sample
+        raise ConfigError("config key 'data.views': several views cannot be combined with loss.distill_from")
 
 
 def added_rows(*rows: Mapping[str, int]) -> Dict[str, int]:
