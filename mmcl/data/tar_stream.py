@@ -3,13 +3,15 @@
 Python's `tarfile` builds a TarInfo of some twenty fields from each 512-byte header; for shards of small
 files (a tiny PNG, its caption, its label) that was a large share of a loader worker's time. This stage
 reads from each ustar header only what the samples need: the name (with the ustar prefix), the size
-(octal or base-256), the type and the checksum, which is verified. Shards are opened by webdataset's
-`url_opener` (so `pipe:` and fsspec URLs open as before) and members are grouped into samples by its
-`group_by_keys` (so keys, fields and order are webdataset's).
+(octal or base-256), the type and the checksum, which is verified; and from a PAX header for the member
+after it (one per file where writers keep fractional modification times) its path and size. Shards
+are opened by webdataset's `url_opener` (so `pipe:` and fsspec URLs open as before) and members are
+grouped into samples by its `group_by_keys` (so keys, fields and order are webdataset's).
 
 What this reader does not parse it hands to tarfile, through webdataset's own member iterator, from that
-header to the end of the shard: PAX headers ('x', 'g'), GNU long names ('L', 'K'), sparse files and any
-other type, and a first header that is not a plain tar header (a compressed shard, an empty or foreign
+header to the end of the shard: global PAX headers ('g'), PAX headers with other keywords than those
+listed below (sparse files, a header charset, vendors' own), GNU long names ('L', 'K') and any other
+type, and a first header that is not a plain tar header (a compressed shard, an empty or foreign
 file: tarfile then raises the error webdataset always reported).
 
 An unreadable shard (cut short, a header failing its checksum, a size that is not a number) is reported
@@ -23,7 +25,7 @@ from __future__ import annotations
 import re
 import tarfile
 import zlib
-from typing import IO, Callable, Iterable, Iterator, Tuple
+from typing import IO, Callable, Dict, Iterable, Iterator, Optional, Tuple
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator, url_opener
 
@@ -35,6 +37,13 @@ REGULAR = frozenset({b"0", b"\0", b"7"})  # tarfile's regular files (contiguous 
 # Hard and symbolic links, devices, directories, FIFOs: tarfile reads no data after their headers, whatever
 # their size field says.
 WITHOUT_DATA = frozenset({b"1", b"2", b"3", b"4", b"5", b"6"})
+PLAIN = REGULAR | WITHOUT_DATA
+# A PAX extended header ('x'): records for the member after it. Writers add one to every member whose
+# modification time has a fraction (webdataset's TarWriter by default), so shards of small files hold as
+# many as files: they are read here when all their keywords are below, else by tarfile.
+PAX = b"x"
+PAX_APPLIED = frozenset({"path", "size"})
+PAX_IGNORED = frozenset({"mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "linkpath", "comment"})  # unused
 # webdataset's tar_file_iterator skips members named like "__meta__" or "__meta__/...".
 WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
 
@@ -73,13 +82,20 @@ def tar_members(stream: IO[bytes], handler: Handler) -> Iterator[Tuple[str, byte
     yields them: directories, links, devices and webdataset's "__...__" metadata files are left out.
     Raises tarfile.ReadError, naming the byte offset, where the stream is cut short or a header is damaged."""
     offset = 0
+    pax: Optional[Dict[str, bytes]] = None  # the records of a PAX header, for the member after it
+    pax_blocks = b""  # that PAX header as read, for tarfile if it has to take over at the member after it
     while True:
         header = stream.read(BLOCK)
         if len(header) < BLOCK:
             header = _read_on(stream, header, BLOCK)
+        kind = header[156:157]
+        if pax is not None and not (kind in PLAIN and _intact(header)):
+            # another PAX or GNU header, or none (tarfile raises its error), after a PAX header
+            yield from _rest_by_tarfile(pax_blocks + header, stream, handler)
+            return
         if header == END_OF_ARCHIVE:
             return
-        if not _intact(header):
+        if pax is None and not _intact(header):
             if offset == 0:  # not a plain tar: tarfile decompresses it, or raises the error webdataset did
                 yield from _rest_by_tarfile(header, stream, handler)
                 return
@@ -88,16 +104,31 @@ def tar_members(stream: IO[bytes], handler: Handler) -> Iterator[Tuple[str, byte
             if len(header) < BLOCK:
                 raise tarfile.ReadError(f"the tar ends inside the header at byte {offset}")
             raise tarfile.ReadError(f"the header at byte {offset} is damaged (bad checksum)")
-        kind = header[156:157]
-        if kind not in REGULAR and kind not in WITHOUT_DATA:
+        if kind not in PLAIN and kind != PAX:
             yield from _rest_by_tarfile(header, stream, handler)
             return
+        size = _size(header[124:136], offset)
+        if kind == PAX:
+            records = _read_on(stream, b"", size + -size % BLOCK)
+            if len(records) < size + -size % BLOCK:
+                raise tarfile.ReadError(f"the tar ends inside the PAX header at byte {offset}")
+            pax, pax_blocks = _pax_records(records[:size]), header + records
+            if pax is None:
+                yield from _rest_by_tarfile(pax_blocks, stream, handler)
+                return
+            offset += len(pax_blocks)
+            continue
         name = _string(header[:100])
         if kind == b"\0" and name.endswith("/"):
             kind = b"5"  # a directory, in the old V7 way
         if header[345]:  # ustar splits a long name into a prefix and the name
             name = _string(header[345:500]) + "/" + name
-        size = 0 if kind in WITHOUT_DATA else _size(header[124:136], offset)
+        if pax is not None:  # as tarfile applies a PAX header to the member after it
+            name = pax["path"].decode("utf-8", "surrogateescape").rstrip("/") if "path" in pax else name
+            size = int(pax["size"]) if "size" in pax else size
+            pax = None
+        if kind in WITHOUT_DATA:
+            size = 0
         data = stream.read(size)
         if len(data) < size and len(data := _read_on(stream, data, size)) < size:
             raise tarfile.ReadError(f"the tar ends inside {name!r} ({len(data)} of its {size} bytes)")
@@ -108,6 +139,30 @@ def tar_members(stream: IO[bytes], handler: Handler) -> Iterator[Tuple[str, byte
         if len(skipped) < padding and len(_read_on(stream, skipped, padding)) < padding:
             raise tarfile.ReadError(f"the tar ends inside the padding after {name!r}")
         offset += BLOCK + size + padding
+
+
+def _pax_records(data: bytes) -> Optional[Dict[str, bytes]]:
+    """The records ("<length> <keyword>=<value>" and a newline) of a PAX extended header, or None when one
+    is malformed, has a keyword outside PAX_APPLIED and PAX_IGNORED, or a size that is not a plain number:
+    tarfile then reads it, and the rest of the shard."""
+    records: Dict[str, bytes] = {}
+    at = 0
+    while at < len(data):
+        space = data.find(b" ", at)
+        if space <= at or not data[at:space].isdigit():
+            return None
+        end = at + int(data[at:space])
+        keyword, equals, value = data[space + 1 : end - 1].partition(b"=")
+        if not space < end <= len(data) or data[end - 1] != 0x0A or not equals:
+            return None
+        name = keyword.decode("utf-8", "surrogateescape")
+        if name not in PAX_APPLIED and name not in PAX_IGNORED:
+            return None
+        records[name] = value
+        at = end
+    if "size" in records and not records["size"].isdigit():
+        return None
+    return records
 
 
 def _intact(header: bytes) -> bool:

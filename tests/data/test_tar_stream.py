@@ -6,9 +6,10 @@ import gzip
 import io
 import json
 import random
+import re
 import tarfile
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import pytest
 import torch
@@ -107,6 +108,53 @@ def test_fractional_mtimes_give_pax_headers_to_every_member(tmp_path):
     members = [(f"k{i}.{ext}", bytes([i]) * 10) for i in range(3) for ext in ("png", "txt")]
     (theirs, _), (ours, our_errors) = samples_of(tar_bytes(members, tarfile.PAX_FORMAT, mtime=0.5), tmp_path=tmp_path)
     assert ours == theirs and len(ours) == 3 and not our_errors
+
+
+def pax_tar(pax_headers: dict, global_headers: Optional[dict] = None) -> bytes:
+    """Three samples; k1.png with these PAX records. Under a PAX size its header's own size is 0, as a
+    writer puts it for a file over ustar's 8 GiB."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers=global_headers) as tar:
+        for i, ext in [(i, ext) for i in range(3) for ext in ("png", "txt")]:
+            info, data = tarfile.TarInfo(f"k{i}.{ext}"), bytes([i]) * (100 + i)
+            info.size = len(data)
+            if (i, ext) == (1, "png"):
+                info.pax_headers = pax_headers
+            tar.addfile(info, io.BytesIO(data))
+    content = bytearray(buffer.getvalue())
+    if pax_headers.get("size", "").isdigit():
+        header = tarfile.open(fileobj=io.BytesIO(bytes(content))).getmembers()[2].offset_data - 512
+        content[header + 124 : header + 136] = b"%011o\0" % 0
+        fix_checksum(content, header)
+    return bytes(content)
+
+
+@pytest.mark.parametrize(
+    "records, samples",
+    [
+        ({"size": "101", "comment": "read here"}, 3),
+        ({"path": "renamed.d/x1.png", "mtime": "1.5"}, 4),
+        ({"SCHILY.xattr.user.note": "read by tarfile"}, 3),
+        ({"hdrcharset": "BINARY", "path": "k1.png"}, 3),
+        ({"size": "0x65"}, 2),  # tarfile reads a size of 0, then k1.png's data as the next header: the end
+        ({"GNU.sparse.map": "0,101", "GNU.sparse.size": "200"}, 3),  # a sparse file: its holes read as zeros
+    ],
+)
+def test_pax_headers_read_as_tarfile_reads_them(tmp_path, records, samples):
+    """The first three records are read here, the others by tarfile; the second shard starts with a
+    global PAX header (tarfile's too)."""
+    (theirs, _), (ours, our_errors) = samples_of(pax_tar(records), pax_tar({"comment": "x"}, {"comment": "global"}),
+                                                 tmp_path=tmp_path)  # fmt: skip
+    assert ours == theirs and len(ours) == samples + 3 and not our_errors
+
+
+def test_a_malformed_pax_header_or_one_at_the_end_reads_as_tarfile_reads_it(tmp_path):
+    malformed = re.sub(rb"\d+ comment=a note", b"99 comment=a note", pax_tar({"comment": "a note"}))
+    assert malformed != pax_tar({"comment": "a note"})
+    pax_last = pax_tar({"comment": "a note"})
+    end = member_offsets(pax_last)[2] + 1024  # after k1.png's PAX header and its records
+    (theirs, their_errors), (ours, our_errors) = samples_of(malformed, pax_last[:end] + bytes(1024), tmp_path=tmp_path)
+    assert ours == theirs and len(ours) == 4 and len(our_errors) == len(their_errors) == 1
 
 
 def test_directories_links_metadata_empty_files_and_odd_names(tmp_path):
