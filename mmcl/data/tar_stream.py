@@ -43,7 +43,8 @@ PLAIN = REGULAR | WITHOUT_DATA
 # many as files: they are read here when all their keywords are below, else by tarfile.
 PAX = b"x"
 PAX_APPLIED = frozenset({"path", "size"})
-PAX_IGNORED = frozenset({"mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "linkpath", "comment"})  # unused
+# Keywords the samples do not use (the member's times, owner, link target, a comment): skipped here.
+PAX_IGNORED = frozenset({"mtime", "atime", "ctime", "uid", "gid", "uname", "gname", "linkpath", "comment"})
 # webdataset's tar_file_iterator skips members named like "__meta__" or "__meta__/...".
 WEBDATASET_META = re.compile(r"__[^/]*__($|/)")
 

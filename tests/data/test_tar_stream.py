@@ -1,6 +1,6 @@
 """mmcl.data.tar_stream against webdataset's tarfile_to_samples: the same samples (keys, fields, bytes,
-order) from writer shards, long names (PAX, GNU, ustar prefix), odd members, compressed and damaged tars;
-one error naming the URL for every damaged shard."""
+order) from writer shards, long names (PAX, GNU, ustar prefix), PAX headers read here and by tarfile, odd
+members, compressed and damaged tars; one error naming the URL for every damaged shard."""
 
 import gzip
 import io
