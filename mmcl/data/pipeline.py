@@ -30,6 +30,7 @@ from mmcl.data.sources import (
     slot_batches,
     training_sources,
 )
+from mmcl.data.tar_stream import tar_samples
 from mmcl.errors import ConfigError, DataError
 
 log = logging.getLogger("mmcl.data")
@@ -223,7 +224,7 @@ def _pipeline(
         wds.SimpleShardList(ordered),
         *node_split,
         wds.split_by_worker,
-        wds.tarfile_to_samples(handler=skips.tar_error),
+        tar_samples(skips.tar_error),
     ]
     if shuffle_buffer:
         stages.append(_seeded_shuffle(shuffle_buffer, seed, epoch))
@@ -392,7 +393,7 @@ def held_out_batches(
 
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(expand_urls(urls)),
-        wds.tarfile_to_samples(handler=skips.tar_error),
+        tar_samples(skips.tar_error),
         mine,
         lambda samples: _decode_and_batch(samples, inputs, batch_size, True, skips),
     )

@@ -25,6 +25,7 @@ import webdataset as wds
 
 from mmcl.config import DataConfig, parse_fields
 from mmcl.data.shards import check_local_shards, expand_urls, read_sizes
+from mmcl.data.tar_stream import tar_samples
 from mmcl.errors import ConfigError, DataError
 
 # The mixed stream draws sources in blocks of this many samples: each block holds each source's share of
@@ -178,7 +179,7 @@ def source_samples(
     for number in count():
         shards, every, first = _pass_plan(source, index, resampled, seed, epoch, number, slot, draw)
         kept = read = 0
-        for read, sample in enumerate(wds.tarfile_to_samples(handler=handler)(_opened(shards, tried)), start=1):
+        for read, sample in enumerate(tar_samples(handler)(_opened(shards, tried)), start=1):
             tried.clear()
             if (read - 1) % every == first:
                 kept += 1
