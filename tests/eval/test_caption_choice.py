@@ -64,7 +64,7 @@ def test_a_model_blind_to_the_difference_scores_chance_not_zero_or_one():
 
 @pytest.fixture(scope="module")
 def pairs_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digit_pairs", numbered=False)
+    root = tmp_path_factory.mktemp("pairs_for_choice")  # numbered: test_clip_benchmark owns "digit_pairs"
     prepare_digit_pairs(root)
     return root
 
