@@ -24,36 +24,27 @@ Tensors = Mapping[str, torch.Tensor]
 
 
 def check_views(cfg: Config, kinds: Mapping[str, str]) -> None:
-    """A ConfigError naming the key for captions the towers cannot read (`kinds`: each fed tower's
-    modality -> what it reads), or K captions per sample the loss cannot score."""
+    """A ConfigError naming the key for captions or views the towers cannot read (`kinds`: each fed
+    tower's modality -> what it reads), or several rows per sample the loss cannot score."""
     check_captions_config(cfg.data, kinds)
     check_views_config(cfg.data, kinds)
-    check_augmented_views(cfg)
-    if cfg.data.captions != "all":
-        return
-    if not LOSSES.get(cfg.loss.name).takes_views:
-        takers = sorted(name for name in LOSSES.names() if LOSSES.get(name).takes_views)
-        raise ConfigError(
-            f"config key 'data.captions': 'all' makes {cfg.data.captions_per_sample} positive captions per "
-            f"sample, but loss {cfg.loss.name!r} (loss.name) takes one; these take several: {', '.join(takers)}"
-        )
-    if cfg.loss.distill_from:  # the teacher embeds the batch's inputs as they come, one row per sample
-        raise ConfigError("config key 'data.captions': 'all' cannot be combined with loss.distill_from")
-
-
-def check_augmented_views(cfg: Config) -> None:
-    """data.views of more than one view need a loss that scores them, and no teacher."""
+    if cfg.data.captions == "all":
+        _check_scorable(cfg, "data.captions", f"'all' makes {cfg.data.captions_per_sample} positive captions")
     several = {m: k for m, k in cfg.data.views.items() if k > 1}
-    if not several:
-        return
+    if several:
+        _check_scorable(cfg, "data.views", f"{several} makes several positive views")
+
+
+def _check_scorable(cfg: Config, key: str, what: str) -> None:
+    """Several rows per sample need a loss that scores them as positives, and no teacher."""
     if not LOSSES.get(cfg.loss.name).takes_views:
         takers = sorted(name for name in LOSSES.names() if LOSSES.get(name).takes_views)
         raise ConfigError(
-            f"config key 'data.views': {several} makes several positive views per sample, but loss "
-            f"{cfg.loss.name!r} (loss.name) takes one; these take several: {', '.join(takers)}"
+            f"config key '{key}': {what} per sample, but loss {cfg.loss.name!r} (loss.name) takes one; "
+            f"these take several: {', '.join(takers)}"
         )
     if cfg.loss.distill_from:  # the teacher embeds the batch's inputs as they come, one row per sample
-        raise ConfigError("config key 'data.views': several views cannot be combined with loss.distill_from")
+        raise ConfigError(f"config key '{key}': several rows per sample cannot be combined with loss.distill_from")
 
 
 def added_rows(*rows: Mapping[str, int]) -> Dict[str, int]:
