@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from mmcl.eval.datasets import NEGATIVES_FIELD
-
 # The evaluation input holding each sample's wrong captions, embedded by the text tower.
 WRONG_CAPTIONS = "text.wrong"
-WRONG_CAPTIONS_FIELD = NEGATIVES_FIELD
 
 
 def caption_choice_accuracy(

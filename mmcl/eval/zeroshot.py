@@ -17,8 +17,8 @@ from mmcl.config import ProbeConfig, parse_fields
 from mmcl.data import InputSpec
 from mmcl.data.decode import shard_field
 from mmcl.errors import ConfigError, DataError
-from mmcl.eval.caption_choice import WRONG_CAPTIONS, WRONG_CAPTIONS_FIELD, caption_choice_accuracy
-from mmcl.eval.datasets import EvalSet, load_dataset
+from mmcl.eval.caption_choice import WRONG_CAPTIONS, caption_choice_accuracy
+from mmcl.eval.datasets import NEGATIVES_FIELD, EvalSet, load_dataset
 from mmcl.eval.embed import Embedded, embed_split
 from mmcl.eval.linear_probe import fewshot_probe, linear_probe
 from mmcl.eval.metrics import classification_metrics, confusion_matrix, recall_at_k
@@ -78,7 +78,7 @@ def eval_inputs(
         elif present:
             inputs[modality] = InputSpec(kind, present, preprocess[modality])
     if dataset.task == "caption_choice" and "text" in inputs:
-        inputs[WRONG_CAPTIONS] = InputSpec("text", [WRONG_CAPTIONS_FIELD], captions_of(preprocess["text"]), ragged=True)
+        inputs[WRONG_CAPTIONS] = InputSpec("text", [NEGATIVES_FIELD], captions_of(preprocess["text"]), ragged=True)
     return inputs
 
 
