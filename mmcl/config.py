@@ -251,6 +251,13 @@ class LossConfig:
     # infonce, dcl, hcl: also contrast each anchor with the other samples of its own modality (the
     # papers' SimCLR form: 2B - 2 negatives); off: the other modality's samples only, as CLIP.
     same_modality_negatives: bool = False
+    # multi_positive: views of one modality as positives of each other (SLIP's image-image SimCLR term).
+    # Each modality fed K >= 2 rows per sample (data.views, data.captions=all) adds view_weight times
+    # SupCon's loss among its own rows: each row's positives are its sample's other rows, its candidates
+    # every other row of that modality (and its explicit hard negatives); SimCLR's NT-Xent at K = 2.
+    # 0: views are positives of the other modality only.
+    view_weight: float = at_least(0.0, 0.0)
+    view_temperature: float = at_least(0.1, 1e-4)  # of the view term, fixed (SLIP's and SimCLR's 0.1)
     # Distillation from a frozen teacher (open_clip's --distill): an mmcl run or checkpoint directory, a
     # Hugging Face CLIPModel directory, or an open_clip checkpoint file as ARCH=FILE; "": none. Its towers
     # of the loss's modalities must take the same inputs as the student's.

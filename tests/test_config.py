@@ -211,8 +211,8 @@ def test_bundled_configs_are_found_by_name_and_start_new_runs(tmp_path):
     assert config_lib.config_path(REPO / "configs" / "digits.yaml").is_file()  # a path is taken as it is
     with pytest.raises(
         ConfigError,
-        match="digits, digits_captions_all, digits_captions_one, digits_distilled, digits_simclr, digits_student, "
-        "digits_teacher, openclipart, spoken_digits",
+        match="digits, digits_captions_all, digits_captions_one, digits_distilled, digits_simclr, digits_slip, "
+        "digits_student, digits_teacher, openclipart, spoken_digits",
     ):
         config_lib.config_path("no-such-config")
     starter = tmp_path / "mine.yaml"

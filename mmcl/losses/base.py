@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from itertools import combinations
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -80,6 +80,10 @@ class ContrastiveLoss(nn.Module):
             raise ConfigError(
                 f"config key '{key}.same_modality_negatives': {cfg.name!r} contrasts across "
                 "modalities only (offered by infonce, dcl and hcl)"
+            )
+        if cfg.view_weight and not cls.takes_views:
+            raise ConfigError(
+                f"config key '{key}.view_weight': {cfg.name!r} scores one view per sample (offered by multi_positive)"
             )
 
     @classmethod
@@ -153,13 +157,46 @@ class ContrastiveLoss(nn.Module):
                 gathered_negatives.get(a),
                 gathered_negatives.get(b),
             )
-            both = _both_present(global_present, a, b)
-            parts[pair_name(a, b)] = self.pair_loss(pair) if both is None else self._subset_pair_loss(pair, both)
-        total = sum(weight * parts[pair_name(a, b)] for a, b, weight in pairs)
-        return {"loss": total, **parts}  # type: ignore[dict-item]
+            parts[pair_name(a, b)] = self._over_present(self.pair_loss, pair, _both_present(global_present, a, b))
+        views = {
+            pair_name(m, m): self._over_present(self.views_loss, pair, _both_present(global_present, m, m))
+            for m, pair in self.view_pairs(inputs, gathered, gathered_negatives).items()
+        }
+        total = sum(weight * parts[pair_name(a, b)] for a, b, weight in pairs) + self.cfg.view_weight * sum(
+            views.values()
+        )
+        return {"loss": total, **parts, **views}  # type: ignore[dict-item]
 
-    def _subset_pair_loss(self, pair: PairInputs, global_rows: torch.Tensor) -> torch.Tensor:
-        """pair_loss over the samples holding both modalities (`global_rows`, (W*B,) bool, every process's)."""
+    def view_pairs(
+        self, inputs: LossInputs, gathered: Embeddings, gathered_negatives: Embeddings
+    ) -> Dict[str, PairInputs]:
+        """Modality -> its rows against themselves, for each modality whose K >= 2 rows per sample are
+        positives of each other (loss.view_weight > 0); scored by `views_loss`."""
+        if not self.cfg.view_weight:
+            return {}
+        return {
+            m: PairInputs(
+                local,
+                local,
+                gathered[m],
+                gathered[m],
+                local_positions(local),
+                inputs.logit_scale,
+                inputs.logit_bias,
+                gathered_negatives.get(m),
+                gathered_negatives.get(m),
+            )
+            for m, local in inputs.embeddings.items()
+            if local.ndim == 3 and local.shape[1] > 1
+        }
+
+    def _over_present(
+        self, loss: Callable[[PairInputs], torch.Tensor], pair: PairInputs, global_rows: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """`loss` of the pair over the samples holding both modalities (`global_rows`, (W*B,) bool, every
+        process's; None: every sample)."""
+        if global_rows is None:
+            return loss(pair)
         if not self.takes_missing:
             raise ConfigError(f"loss {self.cfg.name!r} cannot score batches with missing modalities")
         batch = pair.local_a.shape[0]
@@ -170,7 +207,7 @@ class ContrastiveLoss(nn.Module):
             return 0.0 * (pair.global_a.sum() + pair.global_b.sum())
         # Each kept local row's positive: its index among the kept rows of the gathered batch.
         positive = (global_rows.cumsum(0) - 1)[pair.positive][local_rows]
-        loss = self.pair_loss(
+        kept_loss = loss(
             replace(
                 pair,
                 local_a=pair.local_a[local_rows],
@@ -182,10 +219,14 @@ class ContrastiveLoss(nn.Module):
         )
         # pair_loss is a mean over this process's kept rows; weight it by their share of all kept rows, so
         # the mean over processes is the mean over every kept row, as on one process.
-        return loss * (kept * dist.world_size() / kept_everywhere)
+        return kept_loss * (kept * dist.world_size() / kept_everywhere)
 
     def pair_loss(self, pair: PairInputs) -> torch.Tensor:
         """Loss of this process's rows of one modality pair (a mean over them)."""
+        raise NotImplementedError
+
+    def views_loss(self, pair: PairInputs) -> torch.Tensor:
+        """Loss of this process's rows of one modality's K views against every process's (a mean over them)."""
         raise NotImplementedError
 
 

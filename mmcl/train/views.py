@@ -33,6 +33,11 @@ def check_views(cfg: Config, kinds: Mapping[str, str]) -> None:
     several = {m: k for m, k in cfg.data.views.items() if k > 1}
     if several:
         _check_scorable(cfg, "data.views", f"{several} makes several positive views")
+    if cfg.loss.view_weight and not several and cfg.data.captions != "all":
+        raise ConfigError(
+            "config key 'loss.view_weight': no modality has several rows per sample to contrast with each "
+            "other (data.views, or data.captions=all)"
+        )
 
 
 def _check_scorable(cfg: Config, key: str, what: str) -> None:

@@ -186,3 +186,22 @@ def symile(embeddings, scale, negatives, permutations=None):
             anchor_loss = anchor_loss - log_softmax_at(scores, positive)
         total = total + anchor_loss / n
     return total / len(names)
+
+
+def supcon(views, scale, aggregation="geometric", extra=()):
+    """SupCon over one modality's views (Khosla et al., 2020, eq. 2, L_out; SLIP's image-image term with
+    K views): views[i][k] is view k of sample i; every view is an anchor, its positives P(i) the other views
+    of its sample, its denominator A(i) every view but itself (and `extra`, explicit negatives). geometric:
+    mean over anchors of -1/|P| sum_p log p; arithmetic: -log(1/|P| sum_p p) (Poly-View)."""
+    rows = [(i, v) for i in range(len(views)) for v in views[i]] + [(-1, e) for e in extra]
+    total, anchors = 0.0, 0
+    for a, (i, anchor) in enumerate(rows[: len(rows) - len(extra)]):
+        others = [(j, v) for b, (j, v) in enumerate(rows) if b != a]
+        scores = [logit(anchor, v, scale) for _, v in others]
+        positives = [idx for idx, (j, _) in enumerate(others) if j == i]
+        if aggregation == "geometric":
+            row = -sum(log_softmax_at(scores, p) for p in positives) / len(positives)
+        else:
+            row = -torch.log(sum(torch.exp(log_softmax_at(scores, p)) for p in positives) / len(positives))
+        total, anchors = total + row, anchors + 1
+    return total / anchors

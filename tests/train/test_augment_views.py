@@ -76,7 +76,8 @@ def test_views_the_setup_cannot_use_fail_naming_the_key(tmp_path):
 
 def test_training_scores_k_views_and_the_gradient_cache_agrees(tmp_path, digit_pngs):
     urls = write_shards(tmp_path / "shards", digit_pngs)
-    views = {**POLICY, "loss.name": "multi_positive", "data.views": f"{{image: {K}}}"}
+    # The K views also positives of each other (loss.view_weight), as SLIP trains.
+    views = {**POLICY, "loss.name": "multi_positive", "data.views": f"{{image: {K}}}", "loss.view_weight": 0.5}
     runs = {
         "one": {**POLICY, "loss.name": "multi_positive"},
         "plain": {**views, "data.val": urls, "eval.val_every": 1, "eval.val_batches": 1},
@@ -89,6 +90,7 @@ def test_training_scores_k_views_and_the_gradient_cache_agrees(tmp_path, digit_p
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
         records[name] = [json.loads(line) for line in lines if '"loss"' in line]
     assert [r["step"] for r in records["plain"]] == [1, 2] and "val_loss" in records["plain"][0]
+    assert "image-image" in records["plain"][0] and "image-image" not in records["one"][0]
     # The same weights and samples at step 1: one view against K.
     assert abs(records["plain"][0]["loss"] - records["one"][0]["loss"]) > 1e-3
     for plain, cached in zip(records["plain"], records["cached"], strict=True):
