@@ -43,12 +43,13 @@ def class_embeddings(
 
 
 def captions_of(tokenize: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
-    """A text field's captions, one per line (CLIP_benchmark's retrieval layout), tokenized: (K, L)."""
+    """A sample's captions as the "captions" kind decodes them (a text field's lines, CLIP_benchmark's
+    retrieval layout, or a JSON list under a key, json:captions), tokenized: (K, L)."""
 
-    def tokenize_lines(text: Any) -> torch.Tensor:
-        return torch.stack([tokenize(line.strip()) for line in str(text).splitlines() if line.strip()])
+    def tokenize_each(captions: Any) -> torch.Tensor:
+        return torch.stack([tokenize(caption) for caption in captions])  # K x (L,) -> (K, L)
 
-    return tokenize_lines
+    return tokenize_each
 
 
 @dataclass
@@ -74,11 +75,11 @@ def eval_inputs(
         present = [f for f in parse_fields(fields.get(modality, "")) if shard_field(f) in dataset.fields]
         kind = model.tower(modality).input_kind
         if present and kind == "text":
-            inputs[modality] = InputSpec(kind, present, captions_of(preprocess[modality]), ragged=True)
+            inputs[modality] = InputSpec("captions", present, captions_of(preprocess[modality]), ragged=True)
         elif present:
             inputs[modality] = InputSpec(kind, present, preprocess[modality])
     if dataset.task == "caption_choice" and "text" in inputs:
-        inputs[WRONG_CAPTIONS] = InputSpec("text", [NEGATIVES_FIELD], captions_of(preprocess["text"]), ragged=True)
+        inputs[WRONG_CAPTIONS] = InputSpec("captions", [NEGATIVES_FIELD], captions_of(preprocess["text"]), ragged=True)
     return inputs
 
 
@@ -127,6 +128,11 @@ def evaluate_dataset(
         progress,
         {WRONG_CAPTIONS: "text"},
     )
+    if len(split) == 0:  # every process holds the merged split, so all stop here alike
+        raise DataError(
+            f"{root}: none of its samples could be read (the warnings above say why for each): the towers "
+            f"read { ({m: list(spec.fields) for m, spec in inputs.items()}) }; are those the fields its samples hold?"
+        )
     probe_split = _embed_probe_split(model, dataset, inputs, probe, batch_size, device, progress) if classify else None
     # Process 0 computes the metrics while the others wait in the vote below, so an error there (a class
     # with too few samples for the probe, ...) stops every process instead of leaving them in a collective.

@@ -16,6 +16,7 @@ from mmcl.checkpoint import convert
 from mmcl.checkpoint import state as checkpoints
 from mmcl.cli import main
 from mmcl.data import InputSpec, build_eval_loader
+from mmcl.errors import DataError
 from mmcl.eval.suite import evaluate_all
 from mmcl.eval.zeroshot import class_embeddings
 
@@ -221,3 +222,57 @@ def test_plain_shard_set_from_data_prep_is_evaluated_by_retrieval(tmp_path, digi
     assert 0 <= results["text_retrieval_recall@1"] <= results["text_retrieval_recall@5"] <= 1
     record = json.loads((tmp_path / "eval" / "shards.json").read_text())
     assert record["task"] == "zeroshot_retrieval"
+
+
+def test_caption_lists_in_json_are_read_as_one_per_line_captions_are(tmp_path, digit_pngs):
+    """img2dataset/COCO-style metadata: a sample's captions as a JSON list under a key (json:captions) are
+    several captions of the sample in retrieval, exactly as the same captions one per line in a .txt."""
+    from data_prep.writer import ShardSetWriter
+
+    words = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    for name in ("as_json", "as_lines"):
+        with ShardSetWriter(tmp_path / name, 12) as writer:
+            for i, (png, label) in enumerate(digit_pngs[:24]):
+                captions = [f"a handwritten {words[label]}", f"the digit {label}", f"a {words[label]}"]
+                field = (
+                    {"json": json.dumps({"captions": captions})} if name == "as_json" else {"txt": "\n".join(captions)}
+                )
+                writer.write({"__key__": f"s{i:02d}", "png": png, **field})
+    model = tiny_model().eval()
+    results = {
+        name: evaluate_all(
+            model,
+            [str(tmp_path / name)],
+            {"image": "png", "text": text_field},
+            8,
+            [1, 5],
+            tmp_path / f"{name}.json",
+            torch.device("cpu"),
+            progress=False,
+            quiet=True,
+        )[name]
+        for name, text_field in (("as_json", "json:captions"), ("as_lines", "txt"))
+    }
+    assert results["as_json"]["samples"] == 24 and results["as_json"].get("skipped", 0) == 0
+    recalls = [k for k in results["as_lines"] if "recall@" in k]
+    assert recalls and all(results["as_json"][k] == results["as_lines"][k] for k in recalls)
+
+
+def test_a_set_none_of_whose_samples_reads_stops_naming_it(tmp_path, digit_pngs):
+    from data_prep.writer import ShardSetWriter
+
+    with ShardSetWriter(tmp_path / "unreadable", 12) as writer:
+        for i, (png, _) in enumerate(digit_pngs[:6]):
+            writer.write({"__key__": f"s{i}", "png": png, "json": json.dumps({"caption": "no list here"})})
+    with pytest.raises(DataError, match=r"unreadable: none of its samples could be read .*json:captions"):
+        evaluate_all(
+            tiny_model().eval(),
+            [str(tmp_path / "unreadable")],
+            {"image": "png", "text": "json:captions"},
+            8,
+            [1],
+            tmp_path / "eval.json",
+            torch.device("cpu"),
+            progress=False,
+            quiet=True,
+        )
