@@ -50,7 +50,9 @@ def test_manifest_prep_writes_swapped_negatives_one_per_line(tmp_path, digit_png
     # Read back as training reads them: the caption-less sample is skipped and counted.
     inputs = {
         "text": InputSpec("text", ["txt"], lambda text: torch.tensor(len(text))),
-        **negative_inputs(DataConfig(negatives={"text": "neg.txt"}), {"text": lambda t: torch.tensor(len(t))}),
+        **negative_inputs(
+            DataConfig(negatives={"text": "neg.txt"}), {"text": lambda t: torch.tensor(len(t))}, {"text": "text"}
+        ),
     }
     (batch,) = build_eval_loader(str(out / "000000.tar"), inputs, batch_size=8)
     assert batch.skipped == 1 and batch.negatives["text"].shape == (2, 1)
