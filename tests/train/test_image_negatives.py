@@ -205,3 +205,14 @@ def test_the_validation_loss_scores_the_held_out_negative_images(tmp_path, digit
             scale, _ = model.similarity()
         losses.append(loss_reference(image, text, {"image": negative_images}, scale))
     assert val_loss == pytest.approx(math.fsum(losses) / 4, abs=2e-5)
+
+
+def test_the_bundled_negative_images_config_passes_the_checks(tmp_path):
+    (tmp_path / "0.tar").touch()
+    path = config_lib.config_path("digit_pairs_negative_images")
+    cfg = config_lib.load(path, [f"data.train={tmp_path / '0.tar'}"])
+    check_config(cfg)
+    assert cfg.data.negatives == {"image": "neg.png"} and cfg.loss.name == "infonce"
+    check_config(
+        config_lib.load(path, [f"data.train={tmp_path / '0.tar'}", "data.negatives={text: neg.txt, image: neg.png}"])
+    )
