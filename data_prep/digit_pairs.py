@@ -11,15 +11,16 @@ so that the square crops of image preprocessing keep both digits whole.
                        sample per image and phrasing, txt the phrasing and neg.txt the same phrasing with the
                        two digits swapped. Telling them apart takes reading the order: a model that sees a
                        caption as a bag of words scores about 50%.
-<out>/train/{000000..N}.tar  (with `train_copies` > 0) png, txt: one caption, and neg.txt: that caption
-                       with the two digits swapped ("a 7 to the left of a 3"), for data.negatives.
+<out>/train/{000000..N}.tar  (with `train_copies` > 0) png, txt: one caption, neg.txt: that caption
+                       with the two digits swapped ("a 7 to the left of a 3"), and neg.png: the image
+                       with its two digits swapped, for data.negatives (text, image, or both).
 
 The test digits are held-out images of the digits set (the same split and seed as data_prep/digits.py), so a
 model trained on that set never saw them. Every ordered pair of two different digits appears
 `images_per_pair` times, each from other images; the captions name only the two digits and their
 order, so telling an image's captions from its swapped pair's takes reading the order. The training
 digits are the digits set's training images; each ordered pair appears `train_copies` times, its captions
-taken in turn, each with its order-swapped caption as a hard negative.
+taken in turn, each with its order-swapped caption and order-swapped image as hard negatives.
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def _image_picker(targets: np.ndarray, indices: np.ndarray, rng: random.Random) 
 def _write_train(
     out: Path, digits: Any, train_idx: np.ndarray, copies: int, samples_per_shard: int, seed: int
 ) -> Dict[str, int]:
-    """Training pairs of training images: one caption each (the phrasings in turn) and, as its hard
-    negative, the caption with the two digits swapped: only the order tells them apart."""
+    """Training pairs of training images: one caption each (the phrasings in turn) and, as hard
+    negatives, the caption and the image with the two digits swapped: only the order tells them apart."""
     next_image = _image_picker(digits.target, train_idx, random.Random(seed + 1))
     with ShardSetWriter(out, samples_per_shard) as train:
         for copy in range(copies):
@@ -145,6 +146,8 @@ def _write_train(
                             "png": png_bytes(side_by_side(digits.images[a], digits.images[b])),
                             "txt": caption,
                             "neg.txt": "\n".join(swap_negatives(caption, 1)),
+                            # The same two digit images in swapped order: the caption's negative image.
+                            "neg.png": png_bytes(side_by_side(digits.images[b], digits.images[a])),
                         }
                     )
         train.extra_stats = {"source": "sklearn.datasets.load_digits (training images)", "negatives": "order-swapped"}

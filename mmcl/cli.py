@@ -58,7 +58,7 @@ def _prep(args: argparse.Namespace) -> None:
         print(f"digit pairs: {summary['images']} images of two held-out digits, 3 captions each, in {args.out}")
         if args.train_copies:
             train = brace_pattern(Path(args.out) / "train", len(summary["train"]))  # type: ignore[arg-type]
-            print(f"train shards (neg.txt: order-swapped captions): {train}")
+            print(f"train shards (neg.txt, neg.png: order-swapped captions and images): {train}")
         return
     if args.source == "spoken-digits":
         summary = prepare_spoken_digits(
@@ -297,7 +297,7 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="digit-pairs: also a training split of training images, each ordered pair this many times, with "
-        "order-swapped negative captions in neg.txt (default 0: the test split only)",
+        "order-swapped negative captions in neg.txt and images in neg.png (default 0: the test split only)",
     )
     prep.set_defaults(run=_prep)
 

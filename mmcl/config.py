@@ -163,14 +163,19 @@ class DataConfig:
     # Modalities a sample may lack (e.g. [image, audio] for a mix of image-text and audio-text pairs):
     # a pair's loss is then taken over the samples holding both. Other modalities are required.
     optional_modalities: List[str] = field(default_factory=list)
-    # Explicit hard negatives: modality -> the shard field holding a sample's negatives of that modality
-    # as UTF-8 text, one per line (e.g. {text: neg.txt}; text towers only). Each is embedded by the
-    # modality's tower and is an extra candidate for the losses that take negatives (infonce, dcl, hcl,
-    # hn_nce, multi_positive). A sample without the field, or with no non-blank line, is skipped and
-    # counted as unreadable. {}: none.
+    # Explicit hard negatives: modality -> the shard field holding a sample's negatives of that modality,
+    # ";"-separated alternatives as in data.fields. A text tower's: UTF-8 text, one negative per line
+    # ({text: neg.txt}). An image (audio) tower's: files ({image: neg.png}, or "neg.jpg;neg.png"); one
+    # in the field itself, several in numbered fields with the index before the extension (neg.0.png,
+    # neg.1.png, ...), which a sample holding them reads instead of the unnumbered one. Each negative is
+    # preprocessed as the tower's training inputs are (one view each), embedded by the tower and is an
+    # extra candidate for the losses that take negatives (infonce, dcl, hcl, hn_nce, multi_positive). A
+    # sample without any, with no non-blank line, or with an unreadable negative image or clip, is
+    # skipped and counted as unreadable. {}: none.
     negatives: Dict[str, str] = field(default_factory=dict)
-    # H, the negatives each sample contributes: the first H lines; a sample with fewer repeats its
-    # lines in order up to H (a repeated negative counts twice in the loss).
+    # H, the negatives each sample contributes of every modality in data.negatives: the first H lines (or
+    # numbered fields, index 0 to H - 1, those present); a sample with fewer repeats them in order up to
+    # H (a repeated negative counts twice in the loss).
     negatives_per_sample: int = at_least(1, 1)
     # How the field of every tower that reads text is read. text: as it is, one caption (multi-line text
     # is tokenised whole). one or all: the field holds several captions of the sample, one per line (as

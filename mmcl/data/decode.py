@@ -160,3 +160,26 @@ def decode_field(sample: Mapping[str, object], kind: str, fields: Sequence[str])
         if data is not None:
             return decoder(_json_value(data, key) if key else data)  # type: ignore[arg-type]
     raise SampleError(f"no {kind} field (looked for {', '.join(fields)})")
+
+
+def numbered_field(name: str, index: int) -> str:
+    """The `index`-th of a sample's several fields named `name`: the index before the extension
+    ("neg.png", 1 -> "neg.1.png"). Webdataset splits a member's name at its first dot, so the field of
+    "s0.neg.1.png" is "neg.1.png"."""
+    stem, dot, extension = name.rpartition(".")
+    return f"{stem}.{index}.{extension}" if dot else f"{index}.{name}"
+
+
+def decode_numbered_fields(sample: Mapping[str, object], kind: str, fields: Sequence[str], count: int) -> List[object]:
+    """The values of the first of `fields` the sample holds, decoded as `kind`: its numbered fields
+    (index 0 to count - 1, those present in index order), or else the unnumbered field as one value.
+    SampleError if none is present or any present one is unreadable."""
+    _, decoder = DECODERS[kind]
+    for name in fields:
+        numbered = [sample.get(numbered_field(name, index)) for index in range(count)]
+        present = [data for data in numbered if data is not None]
+        if not present and sample.get(name) is not None:
+            present = [sample[name]]  # the unnumbered field: a single value
+        if present:
+            return [decoder(data) for data in present]  # type: ignore[arg-type]
+    raise SampleError(f"no {kind} field (looked for {', '.join(f'{n} and its numbered fields' for n in fields)})")

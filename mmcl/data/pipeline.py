@@ -19,7 +19,7 @@ import webdataset as wds
 
 from mmcl.config import DataConfig, parse_fields
 from mmcl.data.batch import Batch
-from mmcl.data.decode import SampleError, check_fields, decode_field, shard_field
+from mmcl.data.decode import SampleError, check_fields, decode_field, decode_numbered_fields, shard_field
 from mmcl.data.shards import expand_urls, shard_order, source_of_shards
 from mmcl.data.sources import (
     Mixing,
@@ -59,11 +59,14 @@ class InputSpec:
     # The modality whose explicit hard negatives this input holds ((H, ...) per sample): the batch carries
     # it in `Batch.negatives`, apart from the inputs. "": an input of its own.
     negatives_of: str = ""
+    # > 0: the value is a list, read from up to this many numbered fields ("neg.0.png", "neg.1.png", ...;
+    # decode.numbered_field) or else the unnumbered one: several images or clips of one sample (negatives).
+    numbered: int = 0
 
     def __post_init__(self) -> None:
         check_fields(self.kind, self.fields)
-        if self.ragged and self.placeholder is not None:
-            raise ValueError("a ragged input cannot have a placeholder")
+        if (self.ragged or self.numbered) and self.placeholder is not None:
+            raise ValueError("a ragged input or one of numbered fields cannot have a placeholder")
         if self.views < 1 or (self.views > 1 and (self.ragged or self.negatives_of)):
             raise ValueError("views: at least 1, and a ragged input or negatives have one view per sample")
 
@@ -171,6 +174,8 @@ def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Opti
     for modality, spec in inputs.items():
         if spec.placeholder is not None and not any(shard_field(name) in sample for name in spec.fields):
             tensors[modality] = None
+        elif spec.numbered:
+            tensors[modality] = spec.preprocess(decode_numbered_fields(sample, spec.kind, spec.fields, spec.numbered))
         else:
             tensors[modality] = spec.preprocess(decode_field(sample, spec.kind, spec.fields))
     if any(spec.placeholder is not None for spec in inputs.values()):

@@ -168,7 +168,10 @@ class Trainer:
             cfg.data.train,
             {
                 **stream_inputs(self.engine.model, cfg, self.fed),
-                **negative_inputs(cfg.data, self.engine.model.preprocessors(True)),
+                # The negatives take the positives' training preprocessing (data.augment too), one view each.
+                **negative_inputs(
+                    cfg.data, self.engine.model.preprocessors(True, cfg.data.augment), fed_kinds(cfg, self.fed)
+                ),
             },
             cfg.data.batch_size,
             cfg.data.workers,
@@ -183,7 +186,7 @@ class Trainer:
         val_inputs = (
             {
                 **stream_inputs(self.engine.model, cfg, self.fed, train=False),
-                **negative_inputs(cfg.data, self.engine.model.preprocessors(False)),
+                **negative_inputs(cfg.data, self.engine.model.preprocessors(False), fed_kinds(cfg, self.fed)),
             }
             if cfg.data.val
             else {}

@@ -1,14 +1,23 @@
-"""Hard negatives from the shards: a text field with one negative caption per line -> (B, H, ...)."""
+"""Hard negatives from the shards -> (B, H, ...): a text field with one negative caption per line, or
+image (audio) fields, numbered for several ("neg.0.png", "neg.1.png", ...)."""
 
+import io
+
+import numpy as np
 import pytest
+import soundfile
 import torch
 from open_clip.tokenizer import SimpleTokenizer
+from PIL import Image
 
 from data_prep.writer import ShardSetWriter, brace_pattern
 from mmcl.config import DataConfig, SourceConfig
 from mmcl.data import InputSpec, TrainStream, build_eval_loader
+from mmcl.data.decode import decode_image
 from mmcl.data.negatives import check_negatives_config, negative_inputs
 from mmcl.errors import ConfigError
+
+from conftest import tiny_model
 
 WIDTH = 40
 
@@ -29,7 +38,7 @@ def inputs_with_negatives(per_sample, preprocess=as_codes):
         "image": InputSpec("image", ["png"], lambda image: torch.tensor(image.size)),
         "text": InputSpec("text", ["txt"], preprocess),
     }
-    return {**inputs, **negative_inputs(data, {"text": preprocess})}
+    return {**inputs, **negative_inputs(data, {"text": preprocess}, {"text": "text"})}
 
 
 def write_samples(out, digit_pngs):
@@ -88,7 +97,13 @@ def test_train_stream_tokenises_negatives_with_the_text_preprocessing(tmp_path, 
     "settings, kinds, message",
     [
         ({"negatives": {"audio": "neg.txt"}}, {"image": "image", "text": "text"}, "data.negatives.audio"),
-        ({"negatives": {"image": "neg.txt"}}, {"image": "image", "text": "text"}, "data.negatives.image"),
+        ({"negatives": {"image": "neg.txt"}}, {"image": "image", "text": "text"}, "data.negatives.image.*image"),
+        ({"negatives": {"audio": "neg.png"}}, {"audio": "audio", "text": "text"}, "data.negatives.audio.*audio"),
+        (
+            {"negatives": {"image": "neg.png"}, "optional_modalities": ["image"]},
+            {"image": "image", "text": "text"},
+            "data.negatives.image.*optional",
+        ),
         ({"negatives": {"text": "neg.png"}}, {"image": "image", "text": "text"}, "data.negatives.text"),
         ({"negatives": {"text": ";"}}, {"image": "image", "text": "text"}, "data.negatives.text"),
         (
@@ -106,3 +121,84 @@ def test_train_stream_tokenises_negatives_with_the_text_preprocessing(tmp_path, 
 def test_negatives_the_towers_cannot_read_fail_naming_the_key(settings, kinds, message):
     with pytest.raises(ConfigError, match=message):
         check_negatives_config(DataConfig(**settings), kinds)
+
+
+def jpeg(png):
+    buffer = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def write_image_negatives(out, digit_pngs):
+    """Nine digits, each with negative images that are other digits (d[i]: the i-th digit's PNG), under
+    the fields data.negatives.image "neg.jpg;neg.png" reads; three samples unusable. -> the negatives
+    each kept sample must yield with H = 2, as PNG/JPEG bytes."""
+    d = [png for png, _ in digit_pngs]
+    negatives = {
+        0: {"neg.0.png": d[10], "neg.1.png": d[11], "neg.2.png": d[12]},  # the first H of three
+        1: {"neg.png": d[13]},  # the unnumbered field: one negative, repeated
+        2: {},  # none: skipped
+        3: {"neg.0.png": b"\x89PNG corrupt", "neg.1.png": d[14]},  # a corrupt one: skipped
+        4: {"neg.1.png": d[15]},  # the numbered fields present, in index order
+        5: {"neg.0.png": d[16], "neg.png": d[17]},  # numbered fields first
+        6: {"neg.png": d[18], "neg.0.jpg": jpeg(d[19]), "neg.1.jpg": jpeg(d[20])},  # the first alternative
+        7: {"neg.1.png": d[21], "neg.0.png": d[22]},
+        8: {"neg.txt": b"not an image"},  # no image field: skipped
+    }
+    expected = {0: [d[10], d[11]], 1: [d[13]] * 2, 4: [d[15]] * 2, 5: [d[16]] * 2}
+    expected.update({6: [jpeg(d[19]), jpeg(d[20])], 7: [d[22], d[21]]})
+    with ShardSetWriter(out, 4) as writer:
+        for i, fields in negatives.items():
+            writer.write({"__key__": f"s{i}", "png": d[i], "txt": f"caption {i}", **fields})
+    return brace_pattern(out, len(writer.sizes)), expected
+
+
+def test_negative_images_reach_the_batch_preprocessed_by_the_tower(tmp_path, digit_pngs):
+    urls, expected = write_image_negatives(tmp_path, digit_pngs)
+    preprocess = tiny_model().preprocessors(train=False)  # the image tower's: (3, 32, 32) per image
+    data = DataConfig(negatives={"image": "neg.jpg;neg.png"}, negatives_per_sample=2)
+    inputs = {
+        "image": InputSpec("image", ["png"], preprocess["image"]),
+        "text": InputSpec("text", ["txt"], preprocess["text"]),
+        **negative_inputs(data, preprocess, {"image": "image", "text": "text"}),
+    }
+    batches = list(build_eval_loader(urls, inputs, batch_size=4))
+    assert sum(b.skipped for b in batches) == 3  # none, a corrupt one, a text field only
+    assert [k.split("#")[1] for b in batches for k in b.keys] == ["s0", "s1", "s4", "s5", "s6", "s7"]
+    assert set(batches[0].negatives) == {"image"} and set(batches[0].inputs) == {"image", "text"}
+    negatives = torch.cat([b.negatives["image"] for b in batches])
+    assert negatives.shape == (6, 2, 3, 32, 32)
+    for row, i in zip(negatives, expected, strict=True):
+        want = torch.stack([preprocess["image"](decode_image(image)) for image in expected[i]])  # (2, 3, 32, 32)
+        assert torch.equal(row, want), f"sample s{i}"
+    positives = torch.cat([b.inputs["image"] for b in batches])  # the positives are untouched
+    assert torch.equal(positives[0], preprocess["image"](decode_image(digit_pngs[0][0])))
+
+
+def wav(value):
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.full(80, value, dtype=np.float32), 8000, format="WAV")
+    return buffer.getvalue()
+
+
+def test_negative_clips_read_by_the_same_rule(tmp_path, digit_pngs):
+    with ShardSetWriter(tmp_path, 8) as writer:
+        writer.write({"__key__": "a", "png": digit_pngs[0][0], "neg.0.wav": wav(0.25), "neg.2.wav": wav(0.5)})
+        writer.write({"__key__": "b", "png": digit_pngs[1][0], "neg.wav": wav(-0.25)})
+        writer.write({"__key__": "c", "png": digit_pngs[2][0], "neg.0.wav": b"RIFF broken"})
+    data = DataConfig(negatives={"audio": "neg.wav"}, negatives_per_sample=3)
+    level = {"audio": lambda clip: torch.tensor([clip[0].mean(), clip[1]])}  # (mean sample, sample rate)
+    inputs = {
+        "image": InputSpec("image", ["png"], lambda image: torch.tensor(image.size)),
+        **negative_inputs(data, level, {"audio": "audio"}),
+    }
+    (batch,) = build_eval_loader(brace_pattern(tmp_path, 1), inputs, batch_size=4)
+    assert batch.skipped == 1 and batch.negatives["audio"].shape == (2, 3, 2)
+    expected = torch.tensor([[[0.25, 8000], [0.5, 8000], [0.25, 8000]], [[-0.25, 8000]] * 3])
+    torch.testing.assert_close(batch.negatives["audio"], expected.to(batch.negatives["audio"].dtype))
+
+
+def test_negatives_of_every_tower_kind_pass_the_check():
+    kinds = {"image": "image", "text": "text", "audio": "audio"}
+    fields = {"image": "neg.jpg;neg.png", "text": "neg.txt", "audio": "neg.flac;neg.wav"}
+    check_negatives_config(DataConfig(negatives=fields), kinds)

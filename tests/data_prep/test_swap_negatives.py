@@ -4,7 +4,9 @@ import csv
 import re
 import tarfile
 
+import numpy as np
 import torch
+from PIL import Image
 
 from data_prep.digit_pairs import pair_captions, prepare_digit_pairs
 from data_prep.negatives import swap_negatives
@@ -50,7 +52,9 @@ def test_manifest_prep_writes_swapped_negatives_one_per_line(tmp_path, digit_png
     # Read back as training reads them: the caption-less sample is skipped and counted.
     inputs = {
         "text": InputSpec("text", ["txt"], lambda text: torch.tensor(len(text))),
-        **negative_inputs(DataConfig(negatives={"text": "neg.txt"}), {"text": lambda t: torch.tensor(len(t))}),
+        **negative_inputs(
+            DataConfig(negatives={"text": "neg.txt"}), {"text": lambda t: torch.tensor(len(t))}, {"text": "text"}
+        ),
     }
     (batch,) = build_eval_loader(str(out / "000000.tar"), inputs, batch_size=8)
     assert batch.skipped == 1 and batch.negatives["text"].shape == (2, 1)
@@ -60,18 +64,29 @@ def test_manifest_prep_writes_swapped_negatives_one_per_line(tmp_path, digit_png
     )
 
 
+def read_images(shard):
+    """member name -> the PNG decoded to a (16, 16) array."""
+    with tarfile.open(shard) as tar:
+        return {m.name: np.asarray(Image.open(tar.extractfile(m))) for m in tar if m.name.endswith("png")}
+
+
 def test_digit_pairs_training_split_has_order_swapped_negatives(tmp_path):
     summary = prepare_digit_pairs(tmp_path, train_copies=2)
     assert sum(summary["train"].values()) == 2 * 90
-    written = {}
+    written, images = {}, {}
     for shard in summary["train"]:
         written.update(read_samples(tmp_path / "train" / shard))
+        images.update(read_images(tmp_path / "train" / shard))
     keys = {name[: -len(".txt")] for name in written if not name.endswith(".neg.txt")}
-    assert len(keys) == 180
+    assert len(keys) == 180 and len(images) == 2 * 180
     for key in keys:
         left, right, copy = map(int, re.match(r"pair(\d)(\d)_(\d+)_", key).groups())
         assert written[f"{key}.txt"] == pair_captions(left, right)[copy % 3]
         assert written[f"{key}.neg.txt"] == pair_captions(right, left)[copy % 3]  # the same phrasing, order swapped
+        # The negative image: the same two digit images, the right half moved left and the left half right.
+        image, swapped = images[f"{key}.png"], images[f"{key}.neg.png"]
+        assert np.array_equal(swapped, np.concatenate([image[:, 8:], image[:, :8]], axis=1))
+        assert not np.array_equal(swapped, image)
     test_keys = {m.name.split(".")[0] for m in tarfile.open(tmp_path / "test" / "0.tar")}
     # The training split draws from the digits set's training images, the test split from held-out ones.
     train_images = {tuple(k.split("_")[2:]) for k in keys}

@@ -25,13 +25,16 @@ from test_gradcache import NO_AUTOCAST, assert_same_grads, engine_for, grads, on
 BATCH, PER_SAMPLE = 6, 2
 
 
-def batch_with_negatives(batch=BATCH, seed=1, dtype=torch.float64):
+def batch_with_negatives(batch=BATCH, seed=1, dtype=torch.float64, kinds=("text",)):
+    """A batch and H negatives per sample of each modality in `kinds` (the text ones drawn first)."""
     g = torch.Generator().manual_seed(seed)
     inputs = {
         "image": torch.randn(batch, 3, 32, 32, generator=g, dtype=dtype),
         "text": torch.randint(1, 49000, (batch, 16), generator=g),
     }
-    return inputs, {"text": torch.randint(1, 49000, (batch, PER_SAMPLE, 16), generator=g)}
+    negatives = {"text": torch.randint(1, 49000, (batch, PER_SAMPLE, 16), generator=g)}
+    negatives["image"] = torch.randn(batch, PER_SAMPLE, 3, 32, 32, generator=g, dtype=dtype)
+    return inputs, {m: negatives[m] for m in kinds}
 
 
 def infonce_reference(image, text, text_negatives, scale):
@@ -124,9 +127,10 @@ def test_a_loss_without_negatives_fails_naming_the_key_before_compute(tmp_path):
     check_config(tiny_config(**{"loss.name": "hn_nce", "data.negatives": "{text: neg.txt}"}))
 
 
-def zero2_worker(rank, world, out_dir):
+def zero2_worker(rank, world, out_dir, kinds=("text",)):
     """One SGD(lr=1) step of this process's half of the global batch, gradient cache on, under ZeRO-2:
-    the change of each weight is minus the gradient averaged over the processes."""
+    the change of each weight is minus the gradient averaged over the processes. `kinds`: the
+    modalities with negatives."""
     cfg = config_lib.load(
         None,
         tiny_overrides(
@@ -141,11 +145,11 @@ def zero2_worker(rank, world, out_dir):
         ),
     )
     half = BATCH // world
-    inputs, negatives = batch_with_negatives(dtype=torch.float32)
+    inputs, negatives = batch_with_negatives(dtype=torch.float32, kinds=kinds)
     mine = slice(rank * half, (rank + 1) * half)
-    hard = HardNegatives(["text"], PER_SAMPLE)
+    hard = HardNegatives(list(kinds), PER_SAMPLE)
     extended, with_negatives = hard.attach(
-        {m: x[mine] for m, x in inputs.items()}, {"text": negatives["text"][mine]}, build_loss(cfg.loss)
+        {m: x[mine] for m, x in inputs.items()}, {m: x[mine] for m, x in negatives.items()}, build_loss(cfg.loss)
     )
     cache = GradCache({"image": 2, "text": 4})
     model = one_layer_model().float()
@@ -166,12 +170,13 @@ def zero2_worker(rank, world, out_dir):
     torch_dist.destroy_process_group()
 
 
-def test_two_processes_under_zero2_equal_one_process(tmp_path):
-    launch(zero2_worker, 2, tmp_path)
+@pytest.mark.parametrize("kinds", [("text",), ("image", "text")], ids=["captions", "images_and_captions"])
+def test_two_processes_under_zero2_equal_one_process(tmp_path, kinds):
+    launch(zero2_worker, 2, tmp_path, kinds)
     model = one_layer_model().float()
-    inputs, negatives = batch_with_negatives(dtype=torch.float32)
+    inputs, negatives = batch_with_negatives(dtype=torch.float32, kinds=kinds)
     loss_fn = build_loss(LossConfig(name="infonce"))
-    extended, with_negatives = HardNegatives(["text"], PER_SAMPLE).attach(inputs, negatives, loss_fn)
+    extended, with_negatives = HardNegatives(list(kinds), PER_SAMPLE).attach(inputs, negatives, loss_fn)
     loss = plain_backward(engine_for(model), with_negatives, extended, NO_AUTOCAST)["loss"]
     expected = grads(model)
     ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
@@ -179,7 +184,10 @@ def test_two_processes_under_zero2_equal_one_process(tmp_path):
     for rank in ranks:
         assert rank["grads"].keys() == expected.keys()
         for name, grad in expected.items():
-            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+            # float32 sums in another order: an entry that cancels to near zero (ln_post.bias's, with the
+            # negative images' rows) keeps an error of a few 1e-6 of the tensor's largest entry.
+            atol = max(1e-6, 1e-5 * float(grad.abs().max()))
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=atol, msg=name)
 
 
 def write_digit_shards(out, digit_pngs):
