@@ -171,7 +171,8 @@ class DataConfig:
     # preprocessed as the tower's training inputs are (one view each), embedded by the tower and is an
     # extra candidate for the losses that take negatives (infonce, dcl, hcl, hn_nce, multi_positive). A
     # sample without any, with no non-blank line, or with an unreadable negative image or clip, is
-    # skipped and counted as unreadable. {}: none.
+    # skipped and counted as unreadable. With data.sources, every source reads them through these fields
+    # (each must hold the modality). {}: none.
     negatives: Dict[str, str] = field(default_factory=dict)
     # H, the negatives each sample contributes of every modality in data.negatives: the first H lines (or
     # numbered fields, index 0 to H - 1, those present); a sample with fewer repeats them in order up to

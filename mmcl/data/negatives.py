@@ -77,8 +77,13 @@ def negative_inputs(
 def check_negatives_config(cfg: DataConfig, kinds: Mapping[str, str], key: str = "data") -> None:
     """A ConfigError naming the key for negatives the towers cannot be fed from (`kinds`: each fed
     tower's modality -> what it reads)."""
-    if cfg.negatives and cfg.sources:
-        raise ConfigError(f"config key '{key}.negatives': read from data.train only, not from {key}.sources")
+    for i, source in enumerate(cfg.sources):  # every sample needs its H negatives: every source their modality
+        lacking = [m for m in cfg.negatives if source.modalities and m not in source.modalities]
+        if lacking:
+            raise ConfigError(
+                f"config key '{key}.sources[{i}].modalities': its samples hold no {lacking[0]!r}, so none of "
+                f"the hard negatives {key}.negatives.{lacking[0]} reads"
+            )
     for modality, fields in cfg.negatives.items():
         entry = f"{key}.negatives.{modality}"
         if modality not in kinds:

@@ -256,8 +256,12 @@ def _mixed_pipeline(
     """One epoch of the mixed stream in this slot: samples drawn by weight from the sources, each decoded
     as its source says; modalities a source lacks take their placeholders."""
     skips = SkipLog(give_up_after=SOURCE_GIVES_UP_AFTER)
+    # Each source's modalities through its own fields; hard negatives through data.negatives' (every source
+    # holds their modality: check_negatives_config).
+    negatives = {name: spec for name, spec in inputs.items() if spec.negatives_of}
     source_inputs = [
-        {m: replace(inputs[m], fields=fields) for m, fields in source.fields.items()} for source in mixing.sources
+        {**{m: replace(inputs[m], fields=fields) for m, fields in source.fields.items()}, **negatives}
+        for source in mixing.sources
     ]
     return wds.DataPipeline(
         lambda: mixed_samples(mixing, seed, epoch, shuffle_buffer, skips.tar_error),

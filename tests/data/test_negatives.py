@@ -93,6 +93,30 @@ def test_train_stream_tokenises_negatives_with_the_text_preprocessing(tmp_path, 
     assert torch.equal(batch.negatives["text"][:2], expected)
 
 
+def test_weighted_sources_each_read_their_samples_negatives(tmp_path, digit_pngs):
+    """data.sources: each source's samples read through the source's own caption field, and their
+    negatives through data.negatives, whichever source a batch row was drawn from."""
+    from mmcl.data.sources import Mixing, Source
+
+    for name in ("a", "b"):
+        with ShardSetWriter(tmp_path / name, 5) as writer:
+            for i, (png, _) in enumerate(digit_pngs[:10]):
+                caption = {"txt": f"{name} caption {i}"} if name == "a" else {"caption": f"{name} caption {i}"}
+                negatives = f"{name} not {i}\n{name} nor {i}"
+                writer.write({"__key__": f"{name}{i}", "png": png, **caption, "neg.txt": negatives})
+    sources = [
+        Source(sorted(map(str, (tmp_path / "a").glob("*.tar"))), 1.0, {"image": ["png"], "text": ["txt"]}),
+        Source(sorted(map(str, (tmp_path / "b").glob("*.tar"))), 3.0, {"image": ["png"], "text": ["caption"]}),
+    ]
+    stream = TrainStream("", inputs_with_negatives(2), 20, 0, 0, seed=0, mixing=Mixing(sources, False, 20))
+    batch = next(iter(stream))
+    assert batch.negatives["text"].shape == (20, 2, WIDTH) and sorted(set(batch.sources)) == [0, 1]
+    for key, caption, negatives in zip(batch.keys, batch.inputs["text"], batch.negatives["text"], strict=True):
+        name, i = key.split("#")[1][0], key.split("#")[1][1:]
+        assert as_text(caption) == f"{name} caption {i}"
+        assert [as_text(row) for row in negatives] == [f"{name} not {i}", f"{name} nor {i}"]
+
+
 @pytest.mark.parametrize(
     "settings, kinds, message",
     [
@@ -112,9 +136,12 @@ def test_train_stream_tokenises_negatives_with_the_text_preprocessing(tmp_path, 
             "optional",
         ),
         (
-            {"negatives": {"text": "neg.txt"}, "sources": [SourceConfig(urls="a.tar")]},
-            {"text": "text"},
-            "data.negatives",
+            {
+                "negatives": {"text": "neg.txt"},
+                "sources": [SourceConfig(urls="a.tar"), SourceConfig(urls="b.tar", modalities=["image", "audio"])],
+            },
+            {"image": "image", "text": "text", "audio": "audio"},
+            r"data.sources\[1\].modalities.*'text'.*data.negatives.text",
         ),
     ],
 )

@@ -218,6 +218,20 @@ def test_training_runs_score_the_shards_negatives_and_the_cache_matches_plain(tm
         assert cached["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
 
 
+def test_a_run_over_weighted_sources_scores_their_negatives(tmp_path, digit_pngs):
+    urls = write_digit_shards(tmp_path / "shards", digit_pngs)
+    sources = {"data.train": "''", "data.sources": f"[{{urls: '{urls}', weight: 1}}, {{urls: '{urls}', weight: 2}}]"}
+    negatives = {"data.negatives": "{text: neg.txt}", "data.negatives_per_sample": PER_SAMPLE}
+    first_loss = {}
+    for name, extra in {"none": sources, "negatives": {**sources, **negatives}}.items():
+        overrides = {"run.output_dir": tmp_path, "run.name": name, "run.steps": 1, "data.batch_size": 8, **extra}
+        train(config_lib.load(None, tiny_overrides(urls, **{"data.shuffle_buffer": 0, **overrides})))
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        first_loss[name] = [json.loads(line) for line in lines if '"loss"' in line][0]["loss"]
+    # The same mixed first batch and weights: only the extra text candidates differ, and raise the loss.
+    assert first_loss["negatives"] > first_loss["none"] + 1e-3
+
+
 def train_worker(rank, world, overrides):
     train(config_lib.load(None, overrides))
     torch_dist.destroy_process_group()
