@@ -284,6 +284,9 @@ class OptimConfig:
     schedule: str = choice("cosine", "constant")
     min_lr_ratio: float = 0.0
     grad_clip: float = 0.0  # 0 disables clipping
+    # AdamW as torch's fused kernel (one kernel over every parameter of a group, on CPU and CUDA), with
+    # the same update rule as torch's default per-parameter loop; false: that loop (or foreach on CUDA).
+    fused: bool = True
     max_nonfinite_steps: int = at_least(5, 1)  # stop after this many steps in a row with a NaN/Inf loss or gradient
     # An exponential moving average of the weights, updated after every optimiser step (timm's ModelEmaV2):
     # ema <- ema_decay * ema + (1 - ema_decay) * weights, held in float32, saved in each checkpoint (its full

@@ -119,7 +119,8 @@ def build_optimizer(model: MultiEncoder, cfg: OptimConfig) -> torch.optim.Optimi
     groups = param_groups(model, cfg)
     if dist.rank() == 0:
         log.info("parameter groups:\n%s", group_table(groups))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    # fused=None, not False: torch then picks its loop (or foreach on CUDA), as without the argument.
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cfg.fused or None)
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

@@ -410,3 +410,34 @@ def test_unlock_after_step_keeps_the_tower_bitwise_until_then_under_zero2(zero2_
         assert not changed(snapshots[0], snapshots[step], text), step
     assert changed(snapshots[5], snapshots[6], text) == set(text)  # step 6 moves every text weight
     assert changed(snapshots[6], snapshots[LATER_STEPS], text) == set(text)
+
+
+def test_adamw_runs_torchs_fused_kernel_with_its_loops_update_rule():
+    """optim.fused (the default) builds torch's fused AdamW; its updates over the parameter groups equal
+    those of torch's per-parameter loop (optim.fused=false) to float32 rounding, decay and no-decay alike."""
+    from mmcl.train.optim import build_optimizer
+
+    torch.manual_seed(0)
+    models, optimizers = [], []
+    for fused in (True, False):
+        cfg = tiny_config(**{**SMALL, "optim.fused": fused})
+        model = MultiEncoder(cfg.model)
+        if models:
+            model.load_state_dict(models[0].state_dict())
+        models.append(model)
+        optimizers.append(build_optimizer(model, cfg.optim))
+    assert optimizers[0].defaults["fused"] and not optimizers[1].defaults["fused"]
+    start = {name: p.detach().clone() for name, p in models[1].named_parameters()}
+    for step in range(3):
+        grads = {
+            name: torch.randn_like(p, generator=torch.Generator().manual_seed(step))
+            for name, p in models[0].named_parameters()
+        }
+        for model, optimizer in zip(models, optimizers, strict=True):
+            for name, p in model.named_parameters():
+                p.grad = grads[name].clone()
+            optimizer.step()
+    fused, loop = dict(models[0].named_parameters()), dict(models[1].named_parameters())
+    for name, p in loop.items():
+        assert not torch.equal(p, start[name]), name  # every weight took the three updates
+        torch.testing.assert_close(fused[name], p, rtol=1e-5, atol=1e-7, msg=name)
