@@ -165,6 +165,8 @@ def _decode_and_batch(
             buffer = []
     if buffer and partial:
         yield _collate(buffer, inputs, skips.take())
+    elif partial and skips.count:  # samples skipped after the last batch: an empty batch carries their count
+        yield Batch({}, [], skips.take())
 
 
 def _decode_sample(sample: dict, inputs: Dict[str, InputSpec]) -> Dict[str, Optional[torch.Tensor]]:
@@ -376,8 +378,9 @@ class TrainStream:
 def build_eval_loader(
     urls: str | List[str], inputs: Dict[str, InputSpec], batch_size: int, workers: int = 0
 ) -> wds.WebLoader:
-    """Every readable sample of these shards once, in shard order, the last batch partial. The shards
-    are not split across processes: a distributed evaluation hands each process its own."""
+    """Every readable sample of these shards once, in shard order, the last batch partial; samples
+    skipped after the last batch come as an empty batch carrying their count. The shards are not split
+    across processes: a distributed evaluation hands each process its own."""
     shards = expand_urls(urls) if isinstance(urls, str) else list(urls)
     pipeline = _pipeline(
         shards, inputs, batch_size, seed=0, epoch=0, shuffle_buffer=0, partial=True, split_by_node=False

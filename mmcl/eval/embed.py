@@ -75,6 +75,9 @@ def _embed_part(
     seen: Dict[int, int] = {}  # shard index -> samples read from it so far
     skipped = 0
     for batch in batches:
+        skipped += batch.skipped
+        if not len(batch):  # only the count of samples skipped after the last batch
+            continue
         for m in modalities:
             emb[m].append(model.encode(towers.get(m, m), batch.inputs[m].to(device)).float().cpu())
             counts[m].append(batch.counts.get(m, torch.ones(len(batch), dtype=torch.long)))
@@ -84,7 +87,6 @@ def _embed_part(
             shard = shard_index(key.split("#", 1)[0])
             order.append((shard, seen.get(shard, 0)))
             seen[shard] = seen.get(shard, 0) + 1
-        skipped += batch.skipped
     width = model.embed_dim
     return _Part(
         order,

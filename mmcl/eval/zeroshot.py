@@ -130,7 +130,8 @@ def evaluate_dataset(
     )
     if len(split) == 0:  # every process holds the merged split, so all stop here alike
         raise DataError(
-            f"{root}: none of its samples could be read (the warnings above say why for each): the towers "
+            f"{root}: none of its samples could be read ({split.skipped} skipped; the warnings above say why "
+            "for each): the towers "
             f"read { ({m: list(spec.fields) for m, spec in inputs.items()}) }; are those the fields its samples hold?"
         )
     probe_split = _embed_probe_split(model, dataset, inputs, probe, batch_size, device, progress) if classify else None

@@ -264,7 +264,7 @@ def test_a_set_none_of_whose_samples_reads_stops_naming_it(tmp_path, digit_pngs)
     with ShardSetWriter(tmp_path / "unreadable", 12) as writer:
         for i, (png, _) in enumerate(digit_pngs[:6]):
             writer.write({"__key__": f"s{i}", "png": png, "json": json.dumps({"caption": "no list here"})})
-    with pytest.raises(DataError, match=r"unreadable: none of its samples could be read .*json:captions"):
+    with pytest.raises(DataError, match=r"unreadable: none of its samples could be read \(6 skipped.*json:captions"):
         evaluate_all(
             tiny_model().eval(),
             [str(tmp_path / "unreadable")],
@@ -276,3 +276,26 @@ def test_a_set_none_of_whose_samples_reads_stops_naming_it(tmp_path, digit_pngs)
             progress=False,
             quiet=True,
         )
+
+
+def test_unreadable_samples_after_the_last_batch_are_counted(tmp_path, digit_pngs):
+    """A corrupt image among the last samples of a set leaves no batch to carry its count: it is still
+    reported as skipped."""
+    from data_prep.writer import ShardSetWriter
+
+    with ShardSetWriter(tmp_path / "tail", 12) as writer:
+        for i, (png, label) in enumerate(digit_pngs[:10]):
+            image = png if i < 8 else png[:40]  # the last two images cut short
+            writer.write({"__key__": f"s{i}", "png": image, "txt": f"a handwritten {label}"})
+    results = evaluate_all(
+        tiny_model().eval(),
+        [str(tmp_path / "tail")],
+        FIELDS,
+        4,  # two full batches of readable samples, then only the two unreadable ones
+        [1],
+        tmp_path / "eval.json",
+        torch.device("cpu"),
+        progress=False,
+        quiet=True,
+    )["tail"]
+    assert results["samples"] == 8 and results["skipped"] == 2
