@@ -146,17 +146,7 @@ class ContrastiveLoss(nn.Module):
             require_negatives(
                 self.cfg.name, global_batch(embeddings), [inputs.negatives.get(a), inputs.negatives.get(b)]
             )
-            pair = PairInputs(
-                embeddings[a],
-                embeddings[b],
-                gathered[a],
-                gathered[b],
-                local_positions(embeddings[a]),
-                inputs.logit_scale,
-                inputs.logit_bias,
-                gathered_negatives.get(a),
-                gathered_negatives.get(b),
-            )
+            pair = _pair_inputs(inputs, gathered, gathered_negatives, a, b)
             parts[pair_name(a, b)] = self._over_present(self.pair_loss, pair, _both_present(global_present, a, b))
         views = {
             pair_name(m, m): self._over_present(self.views_loss, pair, _both_present(global_present, m, m))
@@ -175,17 +165,7 @@ class ContrastiveLoss(nn.Module):
         if not self.cfg.view_weight:
             return {}
         return {
-            m: PairInputs(
-                local,
-                local,
-                gathered[m],
-                gathered[m],
-                local_positions(local),
-                inputs.logit_scale,
-                inputs.logit_bias,
-                gathered_negatives.get(m),
-                gathered_negatives.get(m),
-            )
+            m: _pair_inputs(inputs, gathered, gathered_negatives, m, m)
             for m, local in inputs.embeddings.items()
             if local.ndim == 3 and local.shape[1] > 1
         }
@@ -228,6 +208,24 @@ class ContrastiveLoss(nn.Module):
     def views_loss(self, pair: PairInputs) -> torch.Tensor:
         """Loss of this process's rows of one modality's K views against every process's (a mean over them)."""
         raise NotImplementedError
+
+
+def _pair_inputs(
+    inputs: LossInputs, gathered: Embeddings, gathered_negatives: Embeddings, a: str, b: str
+) -> PairInputs:
+    """Modality a's rows against modality b's (a == b: a modality's views against each other)."""
+    local = inputs.embeddings[a]
+    return PairInputs(
+        local,
+        inputs.embeddings[b],
+        gathered[a],
+        gathered[b],
+        local_positions(local),
+        inputs.logit_scale,
+        inputs.logit_bias,
+        gathered_negatives.get(a),
+        gathered_negatives.get(b),
+    )
 
 
 def pairs_to_score(cfg: LossConfig, modalities: Sequence[str]) -> List[Tuple[str, str]]:
