@@ -126,6 +126,18 @@ def _parquet_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
         raise DataError(f"{manifest}: not a readable parquet file ({error})") from None
 
 
+@dataclass(frozen=True)
+class ManifestColumns:
+    """The column names a manifest is read by; negatives, negative_images: empty for none."""
+
+    image: str = "image"
+    caption: str = "caption"
+    key: str = "key"
+    audio: str = "audio"
+    negatives: str = ""  # each row's negative captions: a list of strings, or a string of one per line
+    negative_images: str = ""  # each row's negative image paths: one, or a list
+
+
 def manifest_pairs(
     manifest: Path,
     image_column: str = "image",
@@ -135,8 +147,6 @@ def manifest_pairs(
     negatives_column: str = "",
     negative_image_column: str = "",
 ) -> PairSource:
-    """`negatives_column`, `negative_image_column` (empty: none): the columns of each row's negative
-    captions (a list, or a string of one per line) and negative image paths (one, or a list)."""
     if not manifest.is_file():
         raise DataError(f"{manifest}: no such manifest")
     status = manifest.stat()
@@ -155,17 +165,10 @@ def manifest_pairs(
         identity["negatives_column"] = negatives_column
     if negative_image_column:
         identity["negative_image_column"] = negative_image_column
-    columns = ManifestColumns(image_column, caption_column, key_column, audio_column)
-    extra = (negatives_column, negative_image_column)
-    return PairSource(identity, _manifest_pairs(manifest, columns, *extra))
-
-
-@dataclass(frozen=True)
-class ManifestColumns:
-    image: str
-    caption: str
-    key: str
-    audio: str
+    columns = ManifestColumns(
+        image_column, caption_column, key_column, audio_column, negatives_column, negative_image_column
+    )
+    return PairSource(identity, _manifest_pairs(manifest, columns))
 
 
 def _one_line(text: str) -> str:
@@ -173,14 +176,22 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def caption_list(value: Any) -> List[str]:
-    """A cell's captions: a list's non-empty strings (anything else in it dropped), or a string's
-    non-blank lines (a CSV cell holds one caption unless it spans several lines)."""
+def _strings(values: Iterable[Any]) -> List[str]:
+    """A list cell's non-empty strings, each on one line (anything else in the list dropped)."""
+    return [line for line in (_one_line(v) for v in values if isinstance(v, str)) if line]
+
+
+def _captions(value: Any) -> str:
+    """The caption cell as `txt`: a list is several captions, one per line; a string stays one caption
+    (or several, if it spans several lines: a CSV cell can only hold a string)."""
+    return "\n".join(_strings(value)) if isinstance(value, (list, tuple)) else str(value or "").strip()
+
+
+def _negative_captions(value: Any) -> Tuple[str, ...]:
+    """A list of strings, or a string of one per line; anything else (a missing value): none."""
     if isinstance(value, (list, tuple)):
-        return [line for line in (_one_line(v) for v in value if isinstance(v, str)) if line]
-    if value is None:
-        return []
-    return [line.strip() for line in str(value).splitlines() if line.strip()]
+        return tuple(_strings(value))
+    return tuple(line.strip() for line in value.splitlines() if line.strip()) if isinstance(value, str) else ()
 
 
 def _under_root(root: Path, value: Any) -> Optional[Path]:
@@ -188,18 +199,16 @@ def _under_root(root: Path, value: Any) -> Optional[Path]:
     return path if root in path.parents else None
 
 
-def _negatives(root: Path, row: Dict[str, Any], captions_column: str, images_column: str) -> RowNegatives:
-    images = row.get(images_column) if images_column else None
+def _negatives(root: Path, row: Dict[str, Any], columns: ManifestColumns) -> RowNegatives:
+    images = row.get(columns.negative_images) if columns.negative_images else None
     paths = images if isinstance(images, (list, tuple)) else [images]
     return RowNegatives(
-        tuple(caption_list(row.get(captions_column))) if captions_column else (),
+        _negative_captions(row.get(columns.negatives)) if columns.negatives else (),
         tuple(_under_root(root, path) for path in paths if path not in (None, "")),
     )
 
 
-def _manifest_pairs(
-    manifest: Path, columns: ManifestColumns, negatives_column: str, negative_image_column: str
-) -> Iterator[Pair]:
+def _manifest_pairs(manifest: Path, columns: ManifestColumns) -> Iterator[Pair]:
     root = manifest.parent.resolve()
     for number, row in enumerate(manifest_rows(manifest), start=1):
         source = f"{manifest.name}:{number}"
@@ -210,7 +219,7 @@ def _manifest_pairs(
                 f"and/or {columns.audio!r} column, has {sorted(row)}"
             )
         if number == 1 and manifest.suffix.lower() in (".csv", ".parquet"):  # a JSONL row may omit a column
-            missing = [c for c in (negatives_column, negative_image_column) if c and c not in row]
+            missing = [c for c in (columns.negatives, columns.negative_images) if c and c not in row]
             if missing:
                 raise DataError(f"{source}: manifest has no column {missing[0]!r}, has {sorted(row)}")
         media: Media = {}
@@ -218,9 +227,7 @@ def _manifest_pairs(
             if row[column] not in (None, ""):
                 media[kind] = _under_root(root, row[column])
         key = sample_key(str(row[columns.key])) if row.get(columns.key) not in (None, "") else f"{number:09d}"
-        value = row[columns.caption]
-        captions = "\n".join(caption_list(value)) if isinstance(value, (list, tuple)) else str(value or "").strip()
-        yield source, key, media, captions, _negatives(root, row, negatives_column, negative_image_column)
+        yield source, key, media, _captions(row[columns.caption]), _negatives(root, row, columns)
 
 
 def _check(kind: str, path: Path) -> Optional[str]:
@@ -302,7 +309,7 @@ def write_chunk(shard: Path, pairs: List[Pair], negatives: int = 0) -> ShardReco
                 negative_captions = swap_negatives(text.split("\n")[0], negatives)
             if negative_captions:
                 sample["neg.txt"] = "\n".join(negative_captions)
-            sample.update(negative_image_fields(own.images))  # type: ignore[arg-type]
+            sample.update(negative_image_fields([path for path in own.images if path]))  # all checked above
             for path in media.values():
                 sample[path.suffix.lower().lstrip(".")] = path.read_bytes()  # type: ignore[union-attr]
             tar.write(sample)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from data_prep.pairs import manifest_pairs, write_pairs
+from mmcl.cli import main
 from mmcl.config import DataConfig
 from mmcl.data import InputSpec, build_eval_loader
 from mmcl.data.captions import caption_inputs
@@ -59,7 +60,7 @@ JSONL_ROWS = [
         "key": "lists",
         "image": "d0.png",
         "caption": ["a zero", "", 5, " the digit\nzero "],
-        "neg": ["not a zero", "a one"],
+        "neg": ["not a zero", 7, "", "a one"],
         "neg_image": "d1.png",
     },
     # negatives as a string of lines; several negative images, each keeping its own (lowercased) extension
@@ -167,6 +168,17 @@ def test_a_csv_without_the_named_column_is_a_clear_error(tmp_path, images):
     manifest.write_text("image,caption\nd0.png,zero\n")
     with pytest.raises(DataError, match="no column 'negs'"):
         write_pairs(manifest_pairs(manifest, negatives_column="negs"), tmp_path / "s", progress=False)
+
+
+def test_the_cli_passes_the_columns_and_refuses_them_for_a_folder(tmp_path, images):
+    root, files = images
+    manifest = write_jsonl(root, JSONL_ROWS[:1])
+    out = tmp_path / "shards"
+    command = ["prep", "manifest", str(manifest), "--out", str(out), "--no-progress", "--workers", "1"]
+    assert main([*command, "--negatives-column", "neg", "--negative-image-column", "neg_image"]) == 0
+    assert set(shard_members(out)["lists"]) == {"png", "txt", "neg.txt", "neg.png"}
+    with pytest.raises(SystemExit):
+        main(["prep", "folder", str(root), "--out", str(tmp_path / "f"), "--negatives-column", "neg"])
 
 
 def test_the_columns_are_part_of_the_sets_identity(tmp_path, images):
