@@ -4,8 +4,11 @@ Folder: every image or audio file with a caption file of the same stem beside it
 `cat.jpg`, `cat.flac` and `cat.txt` make one sample holding both), read one directory at a time.
 Manifest: one row per sample with an image path and/or an audio path (relative to the manifest's
 folder unless absolute) and a caption (and an optional key column), streamed (parquet by batches of
-rows), so memory does not grow with its length. Rows whose media file is missing, unreadable, outside
-the root, or whose caption is empty, and a key repeated within a shard's rows, are reported in
+rows), so memory does not grow with its length. A caption value that is a list (JSONL, parquet) holds
+several captions, written to `txt` one per line; optional columns of negative captions (`neg.txt`, one
+per line) and of negative image paths (`neg.<ext>`, or `neg.0.<ext>`, `neg.1.<ext>`, ... for several),
+the fields data.negatives reads. Rows whose media file (or negative image) is missing, unreadable,
+outside the root, or whose caption is empty, and a key repeated within a shard's rows, are reported in
 _stats.json and not written. Shards are written by `data_prep.parallel`: several processes, resumable.
 """
 
@@ -17,7 +20,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
 import pyarrow.parquet as pq
 from PIL import Image
@@ -25,11 +28,23 @@ from PIL import Image
 from data_prep.negatives import swap_negatives
 from data_prep.parallel import ShardRecord, write_resumable
 from data_prep.writer import atomic_shard
-from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, SampleError, decode_audio
+from mmcl.data.decode import AUDIO_EXTENSIONS, IMAGE_EXTENSIONS, SampleError, decode_audio, numbered_field
 from mmcl.errors import DataError
 
 Media = Dict[str, Optional[Path]]  # "image" / "audio" -> file, or None when it lies outside the root
-Pair = Tuple[str, str, Media, str]  # (source description, sample key, media files, caption)
+
+
+@dataclass(frozen=True)
+class RowNegatives:
+    """A row's own negatives: captions for `neg.txt`, image files (None: outside the root)."""
+
+    captions: Tuple[str, ...] = ()
+    images: Tuple[Optional[Path], ...] = ()
+
+
+NO_NEGATIVES = RowNegatives()
+# (source description, sample key, media files, captions one per line, the row's own negatives)
+Pair = Tuple[str, str, Media, str, RowNegatives]
 KINDS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS}
 PARQUET_BATCH_ROWS = 4096  # parquet rows decoded at a time
 
@@ -79,7 +94,7 @@ def _folder_pair(root: Path, stem: Path, media: Media) -> Pair:
     caption_file = Path(str(stem) + ".txt")  # "x.y.png" -> "x.y.txt"
     text = caption_file.read_text(encoding="utf-8", errors="replace").strip() if caption_file.exists() else ""
     source = ", ".join(str(p.relative_to(root)) for p in media.values() if p)
-    return source, sample_key(str(stem.relative_to(root))), media, text
+    return source, sample_key(str(stem.relative_to(root))), media, text, NO_NEGATIVES
 
 
 def manifest_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
@@ -111,12 +126,26 @@ def _parquet_rows(manifest: Path) -> Iterator[Dict[str, Any]]:
         raise DataError(f"{manifest}: not a readable parquet file ({error})") from None
 
 
+@dataclass(frozen=True)
+class ManifestColumns:
+    """The column names a manifest is read by; negatives, negative_images: empty for none."""
+
+    image: str = "image"
+    caption: str = "caption"
+    key: str = "key"
+    audio: str = "audio"
+    negatives: str = ""  # each row's negative captions: a list of strings, or a string of one per line
+    negative_images: str = ""  # each row's negative image paths: one, or a list
+
+
 def manifest_pairs(
     manifest: Path,
     image_column: str = "image",
     caption_column: str = "caption",
     key_column: str = "key",
     audio_column: str = "audio",
+    negatives_column: str = "",
+    negative_image_column: str = "",
 ) -> PairSource:
     if not manifest.is_file():
         raise DataError(f"{manifest}: no such manifest")
@@ -131,28 +160,74 @@ def manifest_pairs(
         "key_column": key_column,
         "audio_column": audio_column,
     }
-    return PairSource(identity, _manifest_pairs(manifest, image_column, caption_column, key_column, audio_column))
+    # Only when set, so a set written before these columns existed keeps its identity (and resumes).
+    if negatives_column:
+        identity["negatives_column"] = negatives_column
+    if negative_image_column:
+        identity["negative_image_column"] = negative_image_column
+    columns = ManifestColumns(
+        image_column, caption_column, key_column, audio_column, negatives_column, negative_image_column
+    )
+    return PairSource(identity, _manifest_pairs(manifest, columns))
 
 
-def _manifest_pairs(
-    manifest: Path, image_column: str, caption_column: str, key_column: str, audio_column: str
-) -> Iterator[Pair]:
+def _one_line(text: str) -> str:
+    """One caption on one line: `txt` and `neg.txt` hold one per line."""
+    return " ".join(text.split())
+
+
+def _strings(values: Iterable[Any]) -> List[str]:
+    """A list cell's non-empty strings, each on one line (anything else in the list dropped)."""
+    return [line for line in (_one_line(v) for v in values if isinstance(v, str)) if line]
+
+
+def _captions(value: Any) -> str:
+    """The caption cell as `txt`: a list is several captions, one per line; a string stays one caption
+    (or several, if it spans several lines: a CSV cell can only hold a string)."""
+    return "\n".join(_strings(value)) if isinstance(value, (list, tuple)) else str(value or "").strip()
+
+
+def _negative_captions(value: Any) -> Tuple[str, ...]:
+    """A list of strings, or a string of one per line; anything else (a missing value): none."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_strings(value))
+    return tuple(line.strip() for line in value.splitlines() if line.strip()) if isinstance(value, str) else ()
+
+
+def _under_root(root: Path, value: Any) -> Optional[Path]:
+    path = (root / str(value)).resolve()
+    return path if root in path.parents else None
+
+
+def _negatives(root: Path, row: Dict[str, Any], columns: ManifestColumns) -> RowNegatives:
+    images = row.get(columns.negative_images) if columns.negative_images else None
+    paths = images if isinstance(images, (list, tuple)) else [images]
+    return RowNegatives(
+        _negative_captions(row.get(columns.negatives)) if columns.negatives else (),
+        tuple(_under_root(root, path) for path in paths if path not in (None, "")),
+    )
+
+
+def _manifest_pairs(manifest: Path, columns: ManifestColumns) -> Iterator[Pair]:
     root = manifest.parent.resolve()
     for number, row in enumerate(manifest_rows(manifest), start=1):
         source = f"{manifest.name}:{number}"
-        columns = {kind: column for kind, column in (("image", image_column), ("audio", audio_column)) if column in row}
-        if caption_column not in row or not columns:
+        kinds = {kind: column for kind, column in (("image", columns.image), ("audio", columns.audio)) if column in row}
+        if columns.caption not in row or not kinds:
             raise DataError(
-                f"{source}: manifest needs a caption column {caption_column!r} and an {image_column!r} "
-                f"and/or {audio_column!r} column, has {sorted(row)}"
+                f"{source}: manifest needs a caption column {columns.caption!r} and an {columns.image!r} "
+                f"and/or {columns.audio!r} column, has {sorted(row)}"
             )
+        if number == 1 and manifest.suffix.lower() in (".csv", ".parquet"):  # a JSONL row may omit a column
+            missing = [c for c in (columns.negatives, columns.negative_images) if c and c not in row]
+            if missing:
+                raise DataError(f"{source}: manifest has no column {missing[0]!r}, has {sorted(row)}")
         media: Media = {}
-        for kind, column in columns.items():
+        for kind, column in kinds.items():
             if row[column] not in (None, ""):
-                path = (root / str(row[column])).resolve()
-                media[kind] = path if root in path.parents else None
-        key = sample_key(str(row[key_column])) if row.get(key_column) not in (None, "") else f"{number:09d}"
-        yield source, key, media, str(row[caption_column] or "").strip()
+                media[kind] = _under_root(root, row[column])
+        key = sample_key(str(row[columns.key])) if row.get(columns.key) not in (None, "") else f"{number:09d}"
+        yield source, key, media, _captions(row[columns.caption]), _negatives(root, row, columns)
 
 
 def _check(kind: str, path: Path) -> Optional[str]:
@@ -171,7 +246,7 @@ def _check(kind: str, path: Path) -> Optional[str]:
         return f"unreadable image: {error}"
 
 
-def _problem(key: str, media: Media, text: str, shard_keys: Set[str]) -> Optional[str]:
+def _problem(key: str, media: Media, text: str, negatives: RowNegatives, shard_keys: Set[str]) -> Optional[str]:
     if key in shard_keys:
         return f"duplicate key {key!r}"
     if not media:
@@ -187,26 +262,54 @@ def _problem(key: str, media: Media, text: str, shard_keys: Set[str]) -> Optiona
         problem = _check(kind, path)  # type: ignore[arg-type]
         if problem:
             return problem
+    for path in negatives.images:
+        problem = _negative_image_problem(path)
+        if problem:
+            return problem
     return None
+
+
+def _negative_image_problem(path: Optional[Path]) -> Optional[str]:
+    if path is None:
+        return "negative image path is outside the manifest's folder"
+    if not path.exists():
+        return f"missing negative image {path}"
+    if not path.suffix:
+        return f"negative image {path} has no file extension (its field name needs one)"
+    problem = _check("image", path)
+    return f"negative image {path}: {problem}" if problem else None
+
+
+def negative_image_fields(paths: Sequence[Path]) -> Dict[str, bytes]:
+    """`neg.<ext>` for one file, `neg.0.<ext>`, `neg.1.<ext>`, ... for several (the fields
+    data.negatives.image reads), each with its own file's extension, lowercased."""
+    names = [f"neg.{path.suffix.lower().lstrip('.')}" for path in paths]
+    if len(paths) > 1:
+        names = [numbered_field(name, index) for index, name in enumerate(names)]
+    return {name: path.read_bytes() for name, path in zip(names, paths, strict=True)}
 
 
 def write_chunk(shard: Path, pairs: List[Pair], negatives: int = 0) -> ShardRecord:
     """One shard from one chunk of pairs (run in a worker process). Keys are checked within the shard:
     webdataset groups a tar's members by key, so a repeated key there would merge two samples.
-    `negatives` > 0: up to that many swapped captions in `neg.txt`, one per line (none: no field)."""
+    `negatives` > 0: up to that many swapped captions of the first caption in `neg.txt`, one per line
+    (none: no field), unless the row brings negative captions of its own, which win."""
     record = ShardRecord(rows=len(pairs))
     shard_keys: Set[str] = set()
     with atomic_shard(shard) as tar:
-        for source, key, media, text in pairs:
-            problem = _problem(key, media, text, shard_keys)
+        for source, key, media, text, own in pairs:
+            problem = _problem(key, media, text, own, shard_keys)
             if problem:
                 record.reject(source, problem)
                 continue
             shard_keys.add(key)
             sample: Dict[str, Any] = {"__key__": key, "txt": text}
-            swapped = swap_negatives(text, negatives) if negatives else []
-            if swapped:
-                sample["neg.txt"] = "\n".join(swapped)
+            negative_captions = list(own.captions)
+            if not negative_captions and negatives:
+                negative_captions = swap_negatives(text.split("\n")[0], negatives)
+            if negative_captions:
+                sample["neg.txt"] = "\n".join(negative_captions)
+            sample.update(negative_image_fields([path for path in own.images if path]))  # all checked above
             for path in media.values():
                 sample[path.suffix.lower().lstrip(".")] = path.read_bytes()  # type: ignore[union-attr]
             tar.write(sample)

@@ -96,9 +96,8 @@ def _prep(args: argparse.Namespace) -> None:
     if args.source == "folder":
         pairs = folder_pairs(Path(args.input))
     else:
-        pairs = manifest_pairs(
-            Path(args.input), args.image_column, args.caption_column, args.key_column, args.audio_column
-        )
+        columns = (args.image_column, args.caption_column, args.key_column, args.audio_column)
+        pairs = manifest_pairs(Path(args.input), *columns, args.negatives_column, args.negative_image_column)
     workers = args.workers or os.cpu_count() or 1
     start = time.perf_counter()
     negatives = args.negatives_per_caption if args.negatives == "swap" else 0
@@ -254,7 +253,12 @@ def parser() -> argparse.ArgumentParser:
     prep.add_argument("--out", required=True, help="output directory")
     prep.add_argument("--samples-per-shard", type=int, default=1000)
     prep.add_argument("--image-column", default="image")
-    prep.add_argument("--caption-column", default="caption")
+    prep.add_argument(
+        "--caption-column",
+        default="caption",
+        help="manifest: a string (a CSV cell: one caption, or several on lines of their own) or a list of "
+        "strings (JSONL, parquet): several captions, written to txt one per line (data.captions one|all)",
+    )
     prep.add_argument("--audio-column", default="audio")
     prep.add_argument("--key-column", default="key")
     prep.add_argument(
@@ -270,7 +274,19 @@ def parser() -> argparse.ArgumentParser:
         choices=["none", "swap"],
         default="none",
         help="folder, manifest: swap: also write rule-based negative captions (two numbers, else two words of "
-        "the caption swapped, NegCLIP-style) as neg.txt, one per line, for data.negatives",
+        "the (first) caption swapped, NegCLIP-style) as neg.txt, one per line, for data.negatives",
+    )
+    prep.add_argument(
+        "--negatives-column",
+        default="",
+        help="manifest: a column of each row's negative captions (a list of strings, or a string of one per "
+        "line), written to neg.txt for data.negatives; they win over --negatives swap (default: none)",
+    )
+    prep.add_argument(
+        "--negative-image-column",
+        default="",
+        help="manifest: a column of each row's negative image paths (one, or a list; relative to the manifest "
+        "like the image column), written as neg.<ext>, or neg.0.<ext>, neg.1.<ext>, ... for several (default: none)",
     )
     prep.add_argument(
         "--negatives-per-caption", type=int, default=3, help="folder, manifest with --negatives swap: at most this many"
@@ -382,6 +398,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "prep" and args.source in ("folder", "manifest") and not args.input:
         parser().error(f"prep {args.source} needs an input path")
+    if args.command == "prep" and args.source != "manifest" and (args.negatives_column or args.negative_image_column):
+        parser().error("--negatives-column and --negative-image-column are columns of a manifest (prep manifest)")
     try:
         return args.run(args) or 0
     except (UserError, FileNotFoundError, FileExistsError) as error:

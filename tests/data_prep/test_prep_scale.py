@@ -235,6 +235,8 @@ def test_a_rerun_refuses_a_finished_set_and_other_settings(tmp_path, manifest, c
         prep(manifest, tmp_path / "half", per_shard=8)
     with pytest.raises(DataError, match="caption_column: 'caption' there, 'key' now"):
         prep(manifest, tmp_path / "half", caption_column="key")
+    with pytest.raises(DataError, match="negative_image_column: None there, 'caption' now"):
+        prep(manifest, tmp_path / "half", negative_image_column="caption")
     with ShardSetWriter(tmp_path / "other", 10) as writer:
         writer.write({"__key__": "a", "txt": "a"})
     (tmp_path / "other" / "_stats.json").unlink()  # an interrupted set of another writer
