@@ -120,7 +120,19 @@ def build_optimizer(model: MultiEncoder, cfg: OptimConfig) -> torch.optim.Optimi
     if dist.rank() == 0:
         log.info("parameter groups:\n%s", group_table(groups))
     # fused=None, not False: torch then picks its loop (or foreach on CUDA), as without the argument.
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cfg.fused or None)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=cfg.fused or None)
+    optimizer.register_load_state_dict_pre_hook(_keep_implementation)
+    return optimizer
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, state: Dict[str, Any]) -> Dict[str, Any]:
+    """A resumed optimiser runs as this run's config says, not as the checkpoint's run did: torch's
+    load_state_dict keeps each saved group's settings, `fused` and `foreach` among them, and a fused
+    optimiser stepping the loop fails under fp16's loss scale. Done before loading, so that torch then
+    places each `step` counter where the fused kernel wants it (on the parameter's device)."""
+    implementation = [{k: group[k] for k in ("fused", "foreach")} for group in optimizer.param_groups]
+    groups = [{**saved, **now} for saved, now in zip(state["param_groups"], implementation, strict=True)]
+    return {**state, "param_groups": groups}
 
 
 def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:

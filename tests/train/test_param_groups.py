@@ -441,3 +441,37 @@ def test_adamw_runs_torchs_fused_kernel_with_its_loops_update_rule():
     for name, p in loop.items():
         assert not torch.equal(p, start[name]), name  # every weight took the three updates
         torch.testing.assert_close(fused[name], p, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_resumed_optimizer_runs_as_its_config_says_under_fp16s_loss_scale():
+    """A checkpoint of the loop (an older run, or optim.fused=false) resumed with the fused default steps
+    fused, through fp16's loss scale, overflow included; and the other way round."""
+    from mmcl.train.optim import build_optimizer
+
+    def optimizer(fused, model=None):
+        cfg = tiny_config(**{**SMALL, "optim.fused": fused})
+        model = model or MultiEncoder(cfg.model)
+        return model, build_optimizer(model, cfg.optim)
+
+    def scaled_step(model, opt, scaler, value):
+        scaler.scale(torch.ones(()))  # the scale is made on first use
+        for p in model.parameters():
+            p.grad = torch.full_like(p, value) * scaler.get_scale()
+        scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+
+    loop_model, loop = optimizer(False)
+    scaled_step(loop_model, loop, torch.amp.GradScaler("cpu"), 1e-3)
+    model, fused = optimizer(True, loop_model)
+    fused.load_state_dict(loop.state_dict())
+    assert all(group["fused"] for group in fused.param_groups)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    scaler = torch.amp.GradScaler("cpu")
+    scaled_step(model, fused, scaler, float("inf"))  # an overflow: skipped, the scale lowered
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    scaled_step(model, fused, scaler, 1e-3)
+    assert all(not torch.equal(p, before[name]) for name, p in model.named_parameters())
+    _, back = optimizer(False, model)
+    back.load_state_dict(fused.state_dict())
+    assert not any(group["fused"] for group in back.param_groups)
