@@ -257,11 +257,14 @@ class LossConfig:
     # infonce, dcl, hcl: also contrast each anchor with the other samples of its own modality (the
     # papers' SimCLR form: 2B - 2 negatives); off: the other modality's samples only, as CLIP.
     same_modality_negatives: bool = False
-    # multi_positive: views of one modality as positives of each other (SLIP's image-image SimCLR term).
-    # Each modality fed K >= 2 rows per sample (data.views, data.captions=all) adds view_weight times
-    # SupCon's loss among its own rows: each row's positives are its sample's other rows, its candidates
-    # every other row of that modality (and its explicit hard negatives); SimCLR's NT-Xent at K = 2.
-    # 0: views are positives of the other modality only.
+    # multi_positive: views of one modality as positives of each other (a SLIP-style image-image term, in
+    # the embedding space the captions are contrasted in; SLIP puts its own on a separate MLP head). Each
+    # modality fed K >= 2 rows per sample (data.views, data.captions=all) adds view_weight times SupCon's
+    # loss among its own rows: each row's positives are its sample's other rows, its candidates every
+    # other row of that modality (and its explicit hard negatives); SimCLR's NT-Xent at K = 2. A sample
+    # with fewer than K captions repeats them, and its repeats are then positives of each other. The
+    # validation loss reads one image view, so it holds no image-image term. 0: views are positives of
+    # the other modality only.
     view_weight: float = at_least(0.0, 0.0)
     view_temperature: float = at_least(0.1, 1e-4)  # of the view term, fixed (SLIP's and SimCLR's 0.1)
     # Distillation from a frozen teacher (open_clip's --distill): an mmcl run or checkpoint directory, a

@@ -7,10 +7,11 @@ negatives. Two ways to aggregate an anchor's positives:
 - "arithmetic": -log of the mean positive likelihood (Poly-View's arithmetic aggregation, MIL-NCE).
 With K = 1 both equal InfoNCE.
 
-With loss.view_weight > 0, a modality's K views are also positives of each other (SLIP's image-image
-term beside CLIP's): each view is an anchor against every other view of that modality, its own sample's
-K - 1 other views its positives, aggregated the same way, at the fixed loss.view_temperature. With
-geometric aggregation this is SupCon's L_out over the views; at K = 2 it is SimCLR's NT-Xent.
+With loss.view_weight > 0, a modality's K views are also positives of each other (a SLIP-style
+image-image term beside CLIP's, here in the shared embedding space): each view is an anchor against
+every other view of that modality, its own sample's K - 1 other views its positives, aggregated the
+same way, at the fixed loss.view_temperature. With geometric aggregation this is SupCon's L_out over
+the views; at K = 2 it is SimCLR's NT-Xent.
 """
 
 from __future__ import annotations

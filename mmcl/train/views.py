@@ -33,10 +33,11 @@ def check_views(cfg: Config, kinds: Mapping[str, str]) -> None:
     several = {m: k for m, k in cfg.data.views.items() if k > 1}
     if several:
         _check_scorable(cfg, "data.views", f"{several} makes several positive views")
-    if cfg.loss.view_weight and not several and cfg.data.captions != "all":
+    several_captions = cfg.data.captions == "all" and cfg.data.captions_per_sample > 1
+    if cfg.loss.view_weight and not several and not several_captions:
         raise ConfigError(
             "config key 'loss.view_weight': no modality has several rows per sample to contrast with each "
-            "other (data.views, or data.captions=all)"
+            "other (data.views, or data.captions=all with data.captions_per_sample above 1)"
         )
 
 

@@ -109,6 +109,10 @@ def test_a_view_weight_nothing_can_use_fails_naming_the_key(tmp_path):
         check_config(config(**{"loss.view_weight": 1.0}))
     with pytest.raises(ConfigError, match="'loss.view_weight': no modality has several rows"):
         check_config(config(**{"loss.view_weight": 1.0, "loss.name": "multi_positive"}))
+    one_caption = {"loss.view_weight": 1.0, "loss.name": "multi_positive", "data.captions": "all"}
+    with pytest.raises(ConfigError, match="'loss.view_weight': no modality has several rows"):
+        check_config(config(**one_caption))  # K = 1 caption: nothing to contrast
+    check_config(config(**one_caption, **{"data.captions_per_sample": 2}))
     with pytest.raises(ConfigError, match="'loss.view_weight': must be at least 0"):
         config(**{"loss.view_weight": -1.0})
     with pytest.raises(ConfigError, match="'loss.view_temperature'"):
