@@ -69,6 +69,7 @@ def build_mmcl(args, compiled: bool = False):
             f"engine.precision={'fp32' if args.precision == 'fp32' else 'bf16'}",
             f"engine.device={args.device}",
             "optim.warmup_steps=1",
+            *args.set,
         ],
     )
     torch.manual_seed(0)
@@ -156,6 +157,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="default: from the GPU's name")
     parser.add_argument("--compile", action="store_true", help="compare mmcl eager with mmcl compiled instead")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="an mmcl config override (optim.fused=false)"
+    )
     args = parser.parse_args()
     needed = ENGINE_FOR.get(args.precision)
     if args.backend and needed and args.backend != needed:

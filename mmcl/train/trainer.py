@@ -166,13 +166,7 @@ class Trainer:
         sources = training_sources(cfg.data, self.fed)
         self.stream = TrainStream(
             cfg.data.train,
-            {
-                **stream_inputs(self.engine.model, cfg, self.fed),
-                # The negatives take the positives' training preprocessing (data.augment too), one view each.
-                **negative_inputs(
-                    cfg.data, self.engine.model.preprocessors(True, cfg.data.augment), fed_kinds(cfg, self.fed)
-                ),
-            },
+            self._inputs(train=True),
             cfg.data.batch_size,
             cfg.data.workers,
             cfg.data.shuffle_buffer,
@@ -183,14 +177,7 @@ class Trainer:
         self.sources = len(sources)
         self.optional = optional_modalities(cfg.data, self.fed)
         self.autocast = build_autocast(cfg.engine.precision, self.device)
-        val_inputs = (
-            {
-                **stream_inputs(self.engine.model, cfg, self.fed, train=False),
-                **negative_inputs(cfg.data, self.engine.model.preprocessors(False), fed_kinds(cfg, self.fed)),
-            }
-            if cfg.data.val
-            else {}
-        )
+        val_inputs = self._inputs(train=False) if cfg.data.val else {}
         # Validation scores the contrastive loss alone: a distillation term would need the teacher there too;
         # it reads one unaugmented view of each sample, and K captions and the negatives as training does.
         self.validation = Validation(
@@ -206,6 +193,15 @@ class Trainer:
         )
         self.best = KeepBest(cfg.run.keep_best, cfg.run.keep_best_mode)
         self.best.restore(self.state, self.run_dir)
+
+    def _inputs(self, train: bool) -> Dict[str, InputSpec]:
+        """What the training stream (`train`) or the validation loss reads: the towers' inputs and the hard
+        negatives, through the training preprocessing (data.augment too; one view of each negative) or
+        the evaluation one."""
+        model, data = self.engine.model, self.cfg.data
+        preprocess = model.preprocessors(True, data.augment) if train else model.preprocessors(False)
+        negatives = negative_inputs(data, preprocess, fed_kinds(self.cfg, self.fed))
+        return {**stream_inputs(model, self.cfg, self.fed, train=train), **negatives}
 
     def _resume(self, checkpoint: Path) -> Tuple[int, int]:
         """Restore the engine, the RNG and the run state from `checkpoint`; this process's stream position."""
