@@ -36,3 +36,14 @@ def _entry(rank, world, port, fn, args):
 def launch(fn, world: int, *args) -> None:
     """fn(rank, world, *args) in `world` forked processes; raises if any of them fails."""
     mp.start_processes(_entry, args=(world, free_port(), fn, args), nprocs=world, start_method="fork")
+
+
+def assert_ranks_equal_one_process(out_dir, loss, grads):
+    """Each of 2 processes saved {"loss", "grads"} to out_dir/<rank>.pt: their mean loss is the one-process
+    `loss`, and each process's gradients (its weights' change under SGD(lr=1)) are the one-process `grads`."""
+    ranks = [torch.load(out_dir / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
+    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss, rtol=1e-5, atol=0)
+    for rank in ranks:
+        assert rank["grads"].keys() == grads.keys()
+        for name, grad in grads.items():
+            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)

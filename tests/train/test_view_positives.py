@@ -16,7 +16,7 @@ from mmcl.train.trainer import check_config
 from mmcl.train.views import Views
 
 from conftest import tiny_overrides
-from launch import launch
+from launch import assert_ranks_equal_one_process, launch
 from test_gradcache import NO_AUTOCAST, assert_same_grads, engine_for, grads, one_layer_model
 
 BATCH = 6
@@ -91,12 +91,7 @@ def test_two_processes_with_image_views_under_zero2_equal_one_process(tmp_path):
     flat, step_loss = Views({"image": 2}).attach(image_views_batch(dtype=torch.float32), view_loss())
     loss = plain_backward(engine_for(model), step_loss, flat, NO_AUTOCAST)["loss"]
     expected = grads(model)
-    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=True) for rank in (0, 1)]
-    torch.testing.assert_close((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss, rtol=1e-5, atol=0)
-    for rank in ranks:
-        assert rank["grads"].keys() == expected.keys()
-        for name, grad in expected.items():
-            torch.testing.assert_close(rank["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert_ranks_equal_one_process(tmp_path, loss, expected)
 
 
 def test_a_view_weight_nothing_can_use_fails_naming_the_key(tmp_path):
