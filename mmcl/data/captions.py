@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Mapping
 import torch
 
 from mmcl.config import DataConfig
+from mmcl.data.negatives import repeated
 from mmcl.data.pipeline import InputSpec
 from mmcl.errors import ConfigError
 
@@ -25,7 +26,7 @@ Preprocess = Callable[[object], torch.Tensor]
 def first_captions(captions: List[str], per_sample: int) -> List[str]:
     """The first `per_sample` captions; fewer are repeated in order up to `per_sample`, so every sample
     contributes the same K rows (the gather across processes needs equal shapes)."""
-    return [captions[index % len(captions)] for index in range(per_sample)]
+    return repeated(captions, per_sample)
 
 
 def draw_caption(captions: List[str]) -> str:
